@@ -1,0 +1,16 @@
+"""Block-sparse attention kernels and their input format (imports only torch and, lazily, triton)."""
+from .dispatch import BACKENDS, available_backends, choose_backend, sparse_attention
+from .epilogue import Epilogue
+from .pattern import BlockPattern
+from .predicates import WindowPredicate, window_starts
+
+__all__ = [
+    "BACKENDS",
+    "BlockPattern",
+    "Epilogue",
+    "WindowPredicate",
+    "available_backends",
+    "choose_backend",
+    "sparse_attention",
+    "window_starts",
+]
