@@ -96,8 +96,8 @@ class BlockPattern:
         ``partial``, every kept block is partial.
         """
         block_kv = block_q if block_kv is None else block_kv
-        _check_positive("block_q", block_q)
-        _check_positive("block_kv", block_kv)
+        for name, value in (("q_len", q_len), ("kv_len", kv_len), ("block_q", block_q), ("block_kv", block_kv)):
+            _check_positive(name, value)
         nq, nk = _ceil_div(q_len, block_q), _ceil_div(kv_len, block_kv)
         mask = block_mask.to(torch.bool)
         if mask.dim() == 2:

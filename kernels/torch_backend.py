@@ -1,0 +1,210 @@
+"""Pure-torch block-sparse attention (the CPU path, and the autograd path wherever Triton is unavailable).
+
+Inference (no grad): each query block's listed key blocks are merged into maximal *runs* of consecutive blocks.
+A run is a contiguous slice of k and v — a view, no copy — handed to the fused CPU flash kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu``; plain SDPA elsewhere), which also returns the log-sum-exp,
+so the partial results of a query block's runs merge exactly:
+
+    lse = log sum_r exp(lse_r),    out = sum_r exp(lse_r - lse) * out_r
+
+Consecutive query blocks with the same runs are computed in one call, so the all-ones pattern is one dense call.
+Partial blocks (token predicate), ragged tails and per-sample key lengths become an additive ``-inf`` mask on the
+runs that need one.
+
+Training (grad enabled): the kernel's log-sum-exp output is not differentiable, so each query block gathers its
+keys (``index_select``) and calls SDPA with a boolean mask once; autograd flows through SDPA.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .pattern import BlockPattern
+
+__all__ = ["torch_sparse_attention", "plan_runs"]
+
+Run = tuple[int, int, bool]  # (first key token, end key token, needs the predicate)
+
+
+def plan_runs(pattern: BlockPattern) -> list[list[tuple[int, int, tuple[Run, ...]]]]:
+    """Per group: a list of ``(q_start, q_end, runs)`` where consecutive query blocks with equal runs are merged.
+
+    Runs are maximal sequences of consecutive listed key blocks with the same partial flag, in key tokens (the
+    last one clipped to ``kv_len``). Memoised on the pattern.
+    """
+    key = ("runs",)
+    if key in pattern._cache:
+        return pattern._cache[key]
+    bp, hp = pattern.groups
+    indptr = pattern.indptr.reshape(bp * hp, -1).tolist()
+    indices = pattern.indices.reshape(bp * hp, -1).tolist()
+    partial = None if pattern.partial is None else pattern.partial.reshape(bp * hp, -1).tolist()
+    bq, bk = pattern.block_q, pattern.block_kv
+    plans = []
+    for g in range(bp * hp):
+        rows: list[tuple[int, int, tuple[Run, ...]]] = []
+        ptr, idx = indptr[g], indices[g]
+        for r in range(pattern.num_q_blocks):
+            runs: list[list] = []
+            for e in range(ptr[r], ptr[r + 1]):
+                blk = idx[e]
+                part = bool(partial[g][e]) if partial is not None else False
+                if runs and runs[-1][1] == blk * bk and runs[-1][2] == part:
+                    runs[-1][1] = min((blk + 1) * bk, pattern.kv_len)
+                else:
+                    runs.append([blk * bk, min((blk + 1) * bk, pattern.kv_len), part])
+            run_t = tuple((a, b, p) for a, b, p in runs)
+            q0, q1 = r * bq, min((r + 1) * bq, pattern.q_len)
+            if rows and rows[-1][2] == run_t and rows[-1][1] == q0:
+                rows[-1] = (rows[-1][0], q1, run_t)
+            else:
+                rows.append((q0, q1, run_t))
+        plans.append(rows)
+    pattern._cache[key] = plans
+    return plans
+
+
+def _run_mask(pattern: BlockPattern, q0: int, q1: int, k0: int, k1: int, part: bool, sample: slice) -> Optional[torch.Tensor]:
+    """Boolean keep-mask ``(b|1, 1, q, k)`` for one run, or None when every pair of the run is kept."""
+    mask = None
+    dev = pattern.device
+    if part:
+        qi = torch.arange(q0, q1, device=dev)[:, None]
+        ki = torch.arange(k0, k1, device=dev)[None, :]
+        mask = pattern.predicate(qi, ki)[None, None]
+    if pattern.kv_lens is not None:
+        lens = pattern.kv_lens[sample]
+        if int(lens.min()) < k1:
+            ki = torch.arange(k0, k1, device=dev)
+            kv_ok = (ki[None, :] < lens[:, None])[:, None, None, :]
+            mask = kv_ok if mask is None else mask & kv_ok
+    return mask
+
+
+def _group_slices(pattern: BlockPattern, b: int, h: int):
+    bp, hp = pattern.groups
+    for gb in range(bp):
+        bs = slice(None) if bp == 1 else slice(gb, gb + 1)
+        for gh in range(hp):
+            hs = slice(None) if hp == 1 else slice(gh, gh + 1)
+            yield gb * hp + gh, bs, hs
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float):
+    """Attention of one query chunk on one key run: (out, lse, row_has_key or None)."""
+    has_key = None
+    add = None
+    if mask is not None:
+        has_key = mask.any(-1)
+        add = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        add = add.expand(q.shape[0], 1, q.shape[2], k.shape[2]) if add.shape[0] == 1 and q.shape[0] > 1 else add
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=add, scale=scale)
+    else:
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        if add is not None:
+            scores = scores + add.float()
+        lse = scores.logsumexp(-1)
+        out = torch.matmul(torch.softmax(scores, -1).nan_to_num(0.0).to(v.dtype), v)
+    if has_key is not None:
+        lse = lse.masked_fill(~has_key.expand_as(lse), float("-inf"))
+        out = out.masked_fill(~has_key.expand_as(lse)[..., None], 0.0)
+    return out, lse.float()
+
+
+def _runs_forward(q, k, v, pattern: BlockPattern, scale: float, return_lse: bool):
+    b, h, sq, d = q.shape
+    out = torch.zeros(b, sq, h, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse_all = torch.full((b, h, sq), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
+    plans = plan_runs(pattern)
+    for g, bs, hs in _group_slices(pattern, b, h):
+        for q0, q1, runs in plans[g]:
+            if not runs:
+                continue
+            qc = q[bs, hs, q0:q1]
+            parts = [_flash(qc, k[bs, hs, k0:k1], v[bs, hs, k0:k1],
+                            _run_mask(pattern, q0, q1, k0, k1, part, bs), scale)
+                     for k0, k1, part in runs]
+            if len(parts) == 1:
+                o, lse = parts[0]
+            else:
+                lses = torch.stack([p[1] for p in parts])
+                lse = torch.logsumexp(lses, 0)
+                w = torch.exp(lses - lse).nan_to_num(0.0)
+                o = sum(w[i][..., None] * parts[i][0].float() for i in range(len(parts)))
+            out[bs, hs, q0:q1] = o.to(out.dtype)
+            if return_lse:
+                lse_all[bs, hs, q0:q1] = lse
+    return out, lse_all
+
+
+def _gather_forward(q, k, v, pattern: BlockPattern, scale: float, return_lse: bool):
+    """Differentiable path: per query chunk, gather its keys and run SDPA with a boolean mask."""
+    b, h, sq, d = q.shape
+    plans = plan_runs(pattern)
+    group_outs = []
+    group_lses = []
+    for g, bs, hs in _group_slices(pattern, b, h):
+        chunks, lchunks = [], []
+        qg = q[bs, hs]
+        for q0, q1, runs in plans[g]:
+            qc = qg[:, :, q0:q1]
+            if not runs:
+                # Queries that attend to nothing output 0; derived from qc so the graph stays connected.
+                chunks.append(qc[..., :1].mul(0).expand(*qc.shape[:-1], v.shape[-1]).to(v.dtype))
+                lchunks.append(torch.full(qc.shape[:-1], float("-inf"), device=q.device))
+                continue
+            idx = torch.cat([torch.arange(k0, k1, device=q.device) for k0, k1, _ in runs])
+            kc, vc = k[bs, hs].index_select(2, idx), v[bs, hs].index_select(2, idx)
+            masks = [_run_mask(pattern, q0, q1, k0, k1, part, bs) for k0, k1, part in runs]
+            mask = None
+            if any(m is not None for m in masks):
+                nb = kc.shape[0]
+                full = [torch.ones(1, 1, q1 - q0, k1 - k0, dtype=torch.bool, device=q.device) if m is None else m
+                        for m, (k0, k1, _) in zip(masks, runs)]
+                mask = torch.cat([m.expand(nb, 1, q1 - q0, m.shape[-1]) for m in full], -1)
+            if mask is not None:
+                has_key = mask.any(-1, keepdim=True)
+                o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask | ~has_key, scale=scale)
+                o = torch.where(has_key, o, torch.zeros((), dtype=o.dtype, device=o.device))
+            else:
+                o = F.scaled_dot_product_attention(qc, kc, vc, scale=scale)
+            chunks.append(o)
+            if return_lse:
+                s = torch.matmul(qc.float(), kc.float().transpose(-1, -2)) * scale
+                if mask is not None:
+                    s = s.masked_fill(~mask, float("-inf"))
+                lchunks.append(s.logsumexp(-1))
+        group_outs.append((bs, hs, torch.cat(chunks, 2)))
+        if return_lse:
+            group_lses.append(torch.cat(lchunks, 2))
+    return _assemble(group_outs, group_lses, pattern, b, h, return_lse)
+
+
+def _assemble(group_outs, group_lses, pattern: BlockPattern, b: int, h: int, return_lse: bool):
+    bp, hp = pattern.groups
+    if bp == 1 and hp == 1:
+        out = group_outs[0][2]
+        lse = group_lses[0] if return_lse else None
+        return out, lse
+    tensors = [t for _, _, t in group_outs]
+    grid = [torch.cat(tensors[i * hp:(i + 1) * hp], 1) for i in range(bp)]
+    out = torch.cat(grid, 0)
+    lse = None
+    if return_lse:
+        lgrid = [torch.cat(group_lses[i * hp:(i + 1) * hp], 1) for i in range(bp)]
+        lse = torch.cat(lgrid, 0)
+    return out, lse
+
+
+def torch_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, *, scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Block-sparse attention on ``(B, H, S, D)`` tensors (views welcome); see the module docstring."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _gather_forward(q, k, v, pattern, scale, return_lse)
+    return _runs_forward(q, k, v, pattern, scale, return_lse)

@@ -1,0 +1,286 @@
+"""The ``triton`` backend: block-sparse FlashAttention-2 forward and backward over a :class:`BlockPattern`.
+
+Forward (``triton_fwd.py``): one program per ``BLOCK_M`` query rows of one (batch, head) visits only the key
+blocks of its query block's CSR row, with an online softmax in fp32; ragged tails, ``kv_lens`` and the
+:class:`WindowPredicate` of partial entries are masked in-kernel with ``-inf``; it writes the output (optionally
+rectified by an :class:`Epilogue`, ``out * r + o``) and the natural-log LSE.
+
+Backward (``triton_bwd.py``), chosen design: **two kernels, no atomics.** dK/dV are computed per key tile by walking
+the *transposed* pattern (``pattern.transposed()``, memoised on the pattern), dQ per query tile by walking the
+forward pattern. Each output tile then has exactly one writer, so gradients are deterministic, need no fp32
+scratch buffer for dQ and no zero-initialisation, and keys that no query attends get exact zeros. The price is
+recomputing ``Q K^T`` and ``dO V^T`` in both kernels (about 7 instead of 5 block GEMMs per listed block), which
+is the same trade FlashAttention-2's Triton ports make for determinism. ``delta = rowsum(dO * O)`` is a torch
+reduction. A gradient reaching the returned LSE is supported (``dS = P * (dP - delta + dlse)``). With an epilogue,
+gradients flow to q/k/v (``dO_inner = dO * r``, ``delta = rowsum(dO * (out - o))``); gradients for the
+epilogue's own tensors are refused.
+
+Portability: on CUDA the kernels are wrapped in ``triton.autotune`` over ``num_warps`` x ``num_stages`` (keyed on
+head dim, tile sizes and sequence lengths) with tile sizes from a head-dim heuristic. Under ``TRITON_INTERPRET=1``
+they run on CPU tensors with exactly one configuration and no driver query; bf16 is upcast to fp32 inside the
+kernel there (the interpreter's bf16 ``tl.dot`` is wrong), fp32 dots use IEEE precision everywhere.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import triton
+
+from .epilogue import Epilogue
+from .pattern import BlockPattern
+from .predicates import WindowPredicate
+from .triton_bwd import sparse_bwd_dkdv_kernel, sparse_bwd_dq_kernel
+from .triton_fwd import sparse_fwd_kernel
+
+__all__ = ["triton_sparse_attention", "SUPPORTED_BLOCKS", "MAX_HEAD_DIM"]
+
+SUPPORTED_BLOCKS = (16, 32, 64, 128, 256)
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INTERPRETING = type(sparse_fwd_kernel).__name__ == "InterpretedFunction"
+
+_TUNED: dict[str, Any] = {}
+_TUNE_KEY = ["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "BLOCK_M", "BLOCK_N", "HAS_PRED", "q_len", "kv_len"]
+
+
+def _kernel(name: str, fn: Callable) -> Callable:
+    """The launchable kernel: the plain interpreted function, or (CUDA) an autotuner over warps and stages."""
+    if INTERPRETING:
+        return fn
+    if name not in _TUNED:
+        configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+        _TUNED[name] = triton.autotune(configs=configs, key=_TUNE_KEY)(fn)
+    return _TUNED[name]
+
+
+def _tiles(kind: str, block_q: int, block_kv: int, block_d: int) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` sub-tiles of the pattern blocks for one kernel (``fwd``, ``dkdv`` or ``dq``)."""
+    if INTERPRETING:
+        return min(block_q, 128), min(block_kv, 128)
+    wide = block_d > 128
+    if kind == "fwd":
+        m, n = (64, 32) if wide else (128, 64 if block_d > 64 else 128)
+    elif kind == "dkdv":
+        m, n = (32, 64) if wide else (32, 128)
+    else:
+        m, n = (64, 32) if wide else (128, 32)
+    return min(block_q, m), min(block_kv, n)
+
+
+def _check_tile(tile: tuple[int, int], block_q: int, block_kv: int) -> None:
+    m, n = tile
+    for name, t, blk in (("BLOCK_M", m, block_q), ("BLOCK_N", n, block_kv)):
+        if t < 16 or t & (t - 1) or blk % t:
+            raise ValueError(f"tile {name}={t} must be a power of two >= 16 dividing the pattern block {blk}")
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be 4-D (B, H, S, D)")
+    b, h, sq, d = q.shape
+    if k.shape[:2] != (b, h) or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"q, k, v shapes do not agree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype of {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if d < 1 or d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={d} is not supported: accepted head dims are 1..{MAX_HEAD_DIM} "
+                         "(powers of two 16..256 run unpadded, others are padded to the next power of two)")
+    if (pattern.q_len, pattern.kv_len) != (sq, k.shape[2]):
+        raise ValueError(f"pattern covers q_len={pattern.q_len}, kv_len={pattern.kv_len} but the inputs have "
+                         f"{sq} queries and {k.shape[2]} keys")
+    for name, blk in (("block_q", pattern.block_q), ("block_kv", pattern.block_kv)):
+        if blk not in SUPPORTED_BLOCKS:
+            raise ValueError(f"pattern {name}={blk} is not supported by the triton backend; "
+                             f"use one of {SUPPORTED_BLOCKS}")
+    bp, hp = pattern.groups
+    if bp not in (1, b) or hp not in (1, h):
+        raise ValueError(f"pattern groups {pattern.groups} do not fit batch {b} and heads {h}")
+    if pattern.kv_lens is not None and pattern.kv_lens.numel() != b:
+        raise ValueError(f"pattern.kv_lens has {pattern.kv_lens.numel()} entries for batch {b}")
+    if pattern.partial is not None and not isinstance(pattern.predicate, WindowPredicate):
+        raise NotImplementedError(f"the triton backend evaluates only WindowPredicate in-kernel, not "
+                                  f"{type(pattern.predicate).__name__}; use the torch or flex backend")
+    dev = q.device
+    if k.device != dev or v.device != dev:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if dev.type == "cuda" and INTERPRETING:
+        raise RuntimeError("TRITON_INTERPRET=1 is set but the inputs are CUDA tensors: the interpreter runs on CPU "
+                           "tensors only; unset TRITON_INTERPRET for CUDA")
+    if dev.type == "cpu" and not INTERPRETING:
+        raise RuntimeError("the triton backend needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
+                           "before triton is first imported")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"the triton backend runs on cuda (or cpu under the interpreter), not {dev.type}")
+
+
+def _csr_args(pattern: BlockPattern, device: torch.device) -> tuple[list, dict]:
+    """Pointer and stride arguments of a pattern's CSR (group strides 0 where the pattern is broadcast)."""
+    indptr = pattern.indptr.to(device).contiguous()
+    indices = pattern.indices.to(device).contiguous()
+    partial = indptr if pattern.partial is None else pattern.partial.to(device).contiguous().view(torch.uint8)
+    bp, hp = pattern.groups
+    strides = [indptr.stride(0) if bp > 1 else 0, indptr.stride(1) if hp > 1 else 0,
+               indices.stride(0) if bp > 1 else 0, indices.stride(1) if hp > 1 else 0]
+    return [indptr, indices, partial], {"strides": strides}
+
+
+def _common(q: torch.Tensor, pattern: BlockPattern) -> tuple[list, list, dict]:
+    """kv_lens / predicate tensors, predicate scalars and shared constexprs."""
+    device = q.device
+    dummy = pattern.indptr.to(device)
+    kv_lens = dummy if pattern.kv_lens is None else pattern.kv_lens.to(device=device, dtype=torch.int32)
+    pred = pattern.predicate if pattern.partial is not None else None
+    has_pred = isinstance(pred, WindowPredicate) and pred.video_tokens > 0
+    if has_pred:
+        rows = pred.row_start.to(device=device, dtype=torch.int32).contiguous()
+        cols = pred.col_start.to(device=device, dtype=torch.int32).contiguous()
+        scalars = [pred.video_start, pred.video_tokens, pred.width, pred.height * pred.width, pred.row_len,
+                   pred.col_len]
+    else:
+        rows, cols, scalars = dummy, dummy, [0, 1, 1, 1, 0, 0]
+    d = q.shape[-1]
+    meta = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_PRED=has_pred,
+                HAS_KVLENS=pattern.kv_lens is not None, UPCAST=INTERPRETING and q.dtype == torch.bfloat16,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    return [kv_lens, rows, cols], scalars, meta
+
+
+def _strides(*tensors: torch.Tensor) -> list[int]:
+    return [s for t in tensors for s in t.stride()]
+
+
+def _grid(rows: int, bh: int, tile: int) -> tuple[int, int]:
+    return (triton.cdiv(rows, tile), bh)
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _NullGuard()
+
+
+class _NullGuard:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, need_lse: bool,
+             epilogue: Optional[Epilogue], tile: Optional[tuple[int, int]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device) if need_lse else out
+    csr, csr_meta = _csr_args(pattern, q.device)
+    extra, scalars, meta = _common(q, pattern)
+    bm, bn = tile or _tiles("fwd", pattern.block_q, pattern.block_kv, meta["BLOCK_D"])
+    if epilogue is not None:
+        nq = pattern.num_q_blocks
+        ep_s = epilogue.scale.to(q.device)
+        ep_b = epilogue.bias.to(q.device)
+        if ep_s.shape != (b, h, nq) or ep_b.shape != (b, h, nq, d):
+            raise ValueError(f"epilogue scale must be {(b, h, nq)} and bias {(b, h, nq, d)}, "
+                             f"got {tuple(ep_s.shape)} and {tuple(ep_b.shape)}")
+    else:
+        ep_s = ep_b = out
+    ep_strides = list(ep_s.stride())[:3] + list(ep_b.stride())[:4] if epilogue is not None else [0] * 7
+    with _device_guard(q):
+        _kernel("fwd", sparse_fwd_kernel)[_grid(sq, b * h, bm)](
+            q, k, v, out, lse, *csr, *extra, ep_s, ep_b, scale,
+            *_strides(q, k, v, out), *csr_meta["strides"], *ep_strides,
+            h, sq, sk, *scalars,
+            BLOCK_Q=pattern.block_q, BLOCK_KV=pattern.block_kv, BLOCK_M=bm, BLOCK_N=bn,
+            HAS_LSE=need_lse, HAS_EPI=epilogue is not None, **meta)
+    return out, (lse if need_lse else None)
+
+
+def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+              dout: torch.Tensor, dlse: Optional[torch.Tensor], pattern: BlockPattern, scale: float,
+              epilogue: Optional[Epilogue], tile: Optional[tuple[int, int]]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    dof = dout.float()
+    if epilogue is not None:
+        rows = torch.arange(sq, device=q.device) // pattern.block_q
+        delta = (dof * (out.float() - epilogue.bias.to(q.device).float()[:, :, rows, :])).sum(-1)
+        dout = (dof * epilogue.scale.to(q.device).float()[:, :, rows, None]).to(q.dtype)
+    else:
+        delta = (dof * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    extra, scalars, meta = _common(q, pattern)
+    t_pattern = pattern.transposed()
+    common_strides = _strides(q, k, v, dout)
+    with _device_guard(q):
+        csr_t, t_meta = _csr_args(t_pattern, q.device)
+        bm, bn = tile or _tiles("dkdv", pattern.block_q, pattern.block_kv, meta["BLOCK_D"])
+        _kernel("dkdv", sparse_bwd_dkdv_kernel)[_grid(sk, b * h, bn)](
+            q, k, v, dout, lse, delta, dk, dv, *csr_t, *extra, scale,
+            *common_strides, *_strides(dk, dv), *t_meta["strides"],
+            h, sq, sk, *scalars,
+            BLOCK_Q=pattern.block_q, BLOCK_KV=pattern.block_kv, BLOCK_M=bm, BLOCK_N=bn, **meta)
+        csr, csr_meta = _csr_args(pattern, q.device)
+        bm, bn = tile or _tiles("dq", pattern.block_q, pattern.block_kv, meta["BLOCK_D"])
+        _kernel("dq", sparse_bwd_dq_kernel)[_grid(sq, b * h, bm)](
+            q, k, v, dout, lse, delta, dq, *csr, *extra, scale,
+            *common_strides, *_strides(dq), *csr_meta["strides"],
+            h, sq, sk, *scalars,
+            BLOCK_Q=pattern.block_q, BLOCK_KV=pattern.block_kv, BLOCK_M=bm, BLOCK_N=bn, **meta)
+    return dq, dk, dv
+
+
+class _TritonSparseAttention(torch.autograd.Function):
+    """Autograd wrapper: saves ``q, k, v, out, lse``; backward runs the dK/dV and dQ kernels."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float,
+                epilogue: Optional[Epilogue], tile: Optional[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = _forward(q, k, v, pattern, scale, True, epilogue, tile)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.pattern, ctx.scale, ctx.epilogue, ctx.tile = pattern, scale, epilogue, tile
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, dout: Optional[torch.Tensor], dlse: Optional[torch.Tensor]):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.pattern, ctx.scale, ctx.epilogue, ctx.tile)
+        return dq, dk, dv, None, None, None, None
+
+
+def triton_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BlockPattern,
+    *,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    epilogue: Optional[Epilogue] = None,
+    tile: Optional[tuple[int, int]] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Block-sparse attention ``softmax(q k^T * scale + mask) v`` on ``(B, H, S, D)`` tensors (any strides).
+
+    Returns ``(out, lse)``: ``out`` in q's dtype and memory layout (a BSHD-backed view stays one), ``lse``
+    ``(B, H, S_q)`` fp32 natural log when ``return_lse`` (``-inf``, with output 0, for a query with no attended
+    key), else ``None``. ``epilogue`` gives ``out * r[q_block] + o[q_block]``. Differentiable in q, k, v (and
+    through the LSE). ``tile=(BLOCK_M, BLOCK_N)`` overrides the kernel sub-tiles (powers of two >= 16 dividing
+    the pattern's block sizes); by default they follow the head dim on CUDA and equal the blocks when interpreting.
+    """
+    _check_inputs(q, k, v, pattern)
+    if tile is not None:
+        _check_tile(tile, pattern.block_q, pattern.block_kv)
+    pattern = pattern.to(q.device)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        if epilogue is not None and (epilogue.scale.requires_grad or epilogue.bias.requires_grad):
+            raise ValueError("the triton backend does not differentiate the epilogue's scale/bias; detach them")
+        out, lse = _TritonSparseAttention.apply(q, k, v, pattern, scale, epilogue, tile)
+        return out, (lse if return_lse else None)
+    return _forward(q, k, v, pattern, scale, return_lse, epilogue, tile)

@@ -1,0 +1,142 @@
+"""Triton forward kernel of block-sparse attention (FlashAttention-2 online softmax over listed kv blocks).
+
+One program computes ``BLOCK_M`` query rows of one (batch, head). It loads its query block's CSR row
+``indices[indptr[r]:indptr[r+1]]`` and visits only those key blocks, ``BLOCK_KV // BLOCK_N`` sub-tiles each.
+With ``s = q k^T * scale`` kept in the log2 domain (``t = s * log2 e``) the running state per row is
+
+    m' = max(m, max_j t_j),   l' = l * 2^(m - m') + sum_j 2^(t_j - m'),   acc' = acc * 2^(m - m') + 2^(t - m') v
+
+and the program stores ``out = acc / l`` (0 where ``l = 0``), optionally rectified as ``out * r + o`` (epilogue),
+and ``lse = (m + log2 l) * ln 2`` (``-inf`` where ``l = 0``). A pair is masked with ``-inf`` when its key lies
+past ``min(kv_len, kv_lens[b])`` or, in an entry flagged partial, fails the window predicate.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+@triton.jit
+def window_coords(idx, video_start, n_video, grid_w, hw):
+    """Video membership and (row, col) of token indices on the frame-major grid (rows/cols 0 off the video)."""
+    rel = idx - video_start
+    inside = (rel >= 0) & (rel < n_video)
+    pos = tl.minimum(tl.maximum(rel, 0), n_video - 1) % hw
+    return inside, pos // grid_w, pos % grid_w
+
+
+@triton.jit
+def window_keep(q_in, y0, x0, k_in, ky, kx, row_len, col_len):
+    """``(M, N)`` keep mask: key inside the query's window, or either token outside the video."""
+    in_rows = (ky[None, :] >= y0[:, None]) & (ky[None, :] < y0[:, None] + row_len)
+    in_cols = (kx[None, :] >= x0[:, None]) & (kx[None, :] < x0[:, None] + col_len)
+    both_video = q_in[:, None] & k_in[None, :]
+    return (in_rows & in_cols) | (both_video == 0)
+
+
+@triton.jit
+def sparse_fwd_kernel(
+    Q, K, V, Out, Lse,
+    Indptr, Indices, Partial, KvLens, RowStart, ColStart, EpScale, EpBias,
+    sm_scale,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_pb, stride_ph, stride_ib, stride_ih,
+    stride_eb, stride_eh, stride_eq,
+    stride_fb, stride_fh, stride_fq, stride_fd,
+    num_heads, q_len, kv_len,
+    video_start, n_video, grid_w, hw, row_len, col_len,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PRED: tl.constexpr, HAS_KVLENS: tl.constexpr, HAS_LSE: tl.constexpr, HAS_EPI: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Program ``(m, b*H + h)``: output rows ``[m*BLOCK_M, (m+1)*BLOCK_M)`` of sample b, head h."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    qblk = (pid_m * BLOCK_M) // BLOCK_Q
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < q_len
+    d_ok = offs_d < HEAD_DIM
+    q_mask = m_ok[:, None]
+    if BLOCK_D != HEAD_DIM:
+        q_mask = q_mask & d_ok[None, :]
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    # Pointers of the first BLOCK_N keys; a tile starting at key n adds n * stride.
+    k_tile = K + b64 * stride_kb + h64 * stride_kh + tile_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
+    v_tile = V + b64 * stride_vb + h64 * stride_vh + tile_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+
+    kv_lim = kv_len
+    if HAS_KVLENS:
+        kv_lim = tl.minimum(kv_lim, tl.load(KvLens + b))
+    if HAS_PRED:
+        q_in, qy, qx = window_coords(offs_m, video_start, n_video, grid_w, hw)
+        y0 = tl.load(RowStart + qy)
+        x0 = tl.load(ColStart + qx)
+
+    row_ptr = Indptr + b * stride_pb + h * stride_ph + qblk
+    start = tl.load(row_ptr)
+    end = tl.load(row_ptr + 1)
+    idx_base = Indices + b * stride_ib + h * stride_ih
+    part_base = Partial + b * stride_ib + h * stride_ih
+
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for e in range(start, end):
+        kb = tl.load(idx_base + e)
+        if HAS_PRED:
+            part = tl.load(part_base + e)
+        for sub in tl.static_range(BLOCK_KV // BLOCK_N):
+            n0 = kb * BLOCK_KV + sub * BLOCK_N
+            n_ok = tile_n < kv_lim - n0
+            kv_mask = n_ok[:, None]
+            if BLOCK_D != HEAD_DIM:
+                kv_mask = kv_mask & d_ok[None, :]
+            k = tl.load(k_tile + n0.to(tl.int64) * stride_ks, mask=kv_mask, other=0.0)
+            v = tl.load(v_tile + n0.to(tl.int64) * stride_vs, mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            t = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            if n0 + BLOCK_N > kv_lim:
+                t = tl.where(n_ok[None, :], t, float("-inf"))
+            if HAS_PRED:
+                if part != 0:
+                    k_in, ky, kx = window_coords(n0 + tile_n, video_start, n_video, grid_w, hw)
+                    keep = window_keep(q_in, y0, x0, k_in, ky, kx, row_len, col_len)
+                    t = tl.where(keep, t, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(t, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(t - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+
+    has_key = l_i > 0.0
+    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    if HAS_EPI:
+        r = tl.load(EpScale + b64 * stride_eb + h64 * stride_eh + qblk * stride_eq).to(tl.float32)
+        o_nc = tl.load(EpBias + b64 * stride_fb + h64 * stride_fh + qblk * stride_fq + offs_d * stride_fd,
+                       mask=d_ok, other=0.0).to(tl.float32)
+        out = out * r + o_nc[None, :]
+    o_ptrs = Out + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+    if HAS_LSE:
+        lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        tl.store(Lse + pid_bh.to(tl.int64) * q_len + offs_m, lse, mask=m_ok)

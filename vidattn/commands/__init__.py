@@ -1,0 +1,1 @@
+"""Sub-commands of the ``vidattn`` CLI; each module defines ``register(subparsers)``."""
