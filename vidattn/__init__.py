@@ -1,14 +1,26 @@
 """vidattn: sparse attention for video diffusion transformers in diffusers."""
+from .api import Installation, apply, installed, remove
+from .context import StepContext
 from .kernels import BlockPattern, Epilogue, WindowPredicate, sparse_attention
 from .layout import TextSegment, TokenLayout
+from .processors import DenseProcessor, FullProcessor, ProcessorStats, SparseAttentionProcessor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockPattern",
+    "DenseProcessor",
     "Epilogue",
+    "FullProcessor",
+    "Installation",
+    "ProcessorStats",
+    "SparseAttentionProcessor",
+    "StepContext",
     "TextSegment",
     "TokenLayout",
     "WindowPredicate",
+    "apply",
+    "installed",
+    "remove",
     "sparse_attention",
 ]

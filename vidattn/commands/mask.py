@@ -1,0 +1,96 @@
+"""``vidattn mask radial``: build a method's block mask for a video size, print its densities, draw it."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+MODELS = ("wan", "hunyuan", "cogvideox", "ltx", "mochi")
+MIN_PICTURE = 512
+KNOBS = ("decay", "block_size", "sink_frames", "d1_full", "decimation_threshold")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("mask", help="build a sparse-attention block mask, print its density, draw it",
+                                   description="Build a sparse-attention block mask for a video size.")
+    methods = parser.add_subparsers(dest="method", metavar="METHOD", required=True)
+    radial = methods.add_parser(
+        "radial", help="Radial Attention's static mask",
+        description="Radial Attention's static block mask for a video of FRAMES x HEIGHT x WIDTH pixels, converted "
+                    "to the model's latent token grid. Densities are fractions of token pairs computed.")
+    radial.add_argument("--frames", type=int, required=True, help="video frames, as for generation (e.g. 81)")
+    radial.add_argument("--height", type=int, required=True, help="video height in pixels (e.g. 480)")
+    radial.add_argument("--width", type=int, required=True, help="video width in pixels (e.g. 832)")
+    radial.add_argument("--model", choices=MODELS, required=True, help="model family (latent geometry, text, sink)")
+    radial.add_argument("--decay", type=float, default=1.0, help="band scale for frame distances >= 2, > 0 "
+                                                                 "(default 1.0)")
+    radial.add_argument("--block-size", type=int, default=128, help="block size in tokens (default 128)")
+    radial.add_argument("--sink-frames", type=int, default=None,
+                        help="dense key frames (default: wan 1, hunyuan 0, others 1)")
+    radial.add_argument("--d1-full", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep adjacent frames fully (default) or at half width (pre-Nov-2025 upstream)")
+    radial.add_argument("--decimation-threshold", type=float, default=128,
+                        help="un-decayed band width in tokens below which frame distances are decimated "
+                             "(default 128)")
+    radial.add_argument("--text-len", type=int, default=None,
+                        help="text tokens in self-attention (joint models; default: hunyuan 256, cogvideox 226, "
+                             "mochi 256)")
+    radial.add_argument("--png", default=None, help="write the block mask picture here (white = computed)")
+    radial.set_defaults(func=run)
+
+
+def _fail(message: str) -> int:
+    print(f"vidattn mask radial: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _write_png(path: str, image: Any) -> tuple[int, int]:
+    """Save the ``(nq, nk)`` uint8 picture, each block upscaled to at least ``MIN_PICTURE`` pixels overall."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = image.numpy()
+    scale = max(1, -(-MIN_PICTURE // max(pixels.shape)))
+    pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
+    Image.fromarray(pixels).save(path)
+    return pixels.shape
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from ..patterns.radial import MODEL_GEOMETRY, GeometryError, radial_pattern, radial_stats
+
+    geometry = MODEL_GEOMETRY[args.model]
+    try:
+        layout = geometry.layout(args.frames, args.height, args.width, text_len=args.text_len)
+    except GeometryError as err:
+        return _fail(f"argument --{err.param.replace('_', '-')}: {err.reason} ({args.model})")
+    sink = geometry.sink_frames if args.sink_frames is None else args.sink_frames
+    began = time.perf_counter()
+    try:
+        pattern = radial_pattern(layout, decay=args.decay, block_size=args.block_size, sink_frames=sink,
+                                 d1_full=args.d1_full, decimation_threshold=args.decimation_threshold)
+    except ValueError as err:
+        name = str(err).split(" ", 1)[0]
+        return _fail(f"argument --{name.replace('_', '-')}: {err}" if name in KNOBS else str(err))
+    elapsed = time.perf_counter() - began
+    stats = radial_stats(layout, pattern)
+    text = layout.text
+    print(f"model            {args.model}: {args.frames} frames x {args.height} x {args.width} px")
+    print(f"latent grid      {layout.frames} frames x {layout.height} x {layout.width} "
+          f"= {layout.tokens_per_frame} tokens/frame")
+    print(f"tokens           video {layout.video_tokens}, text {layout.text_tokens}"
+          f"{f' ({text.position})' if text is not None else ''}, total {layout.seq_len}")
+    print(f"knobs            decay {args.decay:g}, block {args.block_size}, sink frames {sink}, "
+          f"d1_full {args.d1_full}, decimation threshold {args.decimation_threshold:g}")
+    print(f"blocks           {stats.num_blocks} x {stats.num_blocks}, kept {stats.kept_blocks}")
+    print(f"density          video-video {stats.video_density:.4f}, whole sequence {stats.total_density:.4f} "
+          f"(fraction of token pairs computed)")
+    print(f"keys per query   {stats.keys_per_query:.1f} (video keys per video query "
+          f"{stats.video_keys_per_query:.1f})")
+    print(f"build time       {elapsed:.3f} s")
+    if args.png:
+        h, w = _write_png(args.png, pattern.to_image())
+        print(f"picture          {args.png} ({w} x {h} px)")
+    return 0

@@ -1,0 +1,260 @@
+"""SparseAttentionProcessor: what every vidattn method shares.
+
+A processor is installed on each self-attention module of a transformer. Per call it computes q, k, v exactly as
+the stock diffusers processor does (through the model adapter), then decides:
+
+* dense — warm-up steps (``step < dense_steps``), last steps (``step >= num_steps - dense_last_steps``), dense
+  layers (``layer < dense_layers``) or no known token layout: diffusers' own ``dispatch_attention_fn``, so the
+  user's attention backend is kept;
+* sparse — ``pattern = self.pattern(layout, q, k)`` and ``vidattn.kernels.sparse_attention``.
+
+Methods subclass it and implement :meth:`pattern` (static patterns are cached per layout).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..context import StepContext
+from ..kernels import BACKENDS, BlockPattern, sparse_attention
+from ..layout import TokenLayout
+
+__all__ = ["SparseAttentionProcessor", "ProcessorStats", "FullProcessor", "DenseProcessor"]
+
+logger = logging.getLogger("vidattn")
+
+
+@dataclass
+class ProcessorStats:
+    """Counters shared by all per-layer copies of one installed processor."""
+
+    sparse_calls: int = 0
+    dense_calls: int = 0
+    density_sum: float = 0.0
+    sparse_seconds: float = 0.0
+    dense_seconds: float = 0.0
+    dense_reasons: dict = field(default_factory=dict)
+
+    def record(self, sparse: bool, density: float, seconds: float, reason: str = "") -> None:
+        if sparse:
+            self.sparse_calls += 1
+            self.density_sum += density
+            self.sparse_seconds += seconds
+        else:
+            self.dense_calls += 1
+            self.dense_seconds += seconds
+            self.dense_reasons[reason] = self.dense_reasons.get(reason, 0) + 1
+
+    @property
+    def calls(self) -> int:
+        return self.sparse_calls + self.dense_calls
+
+    def summary(self) -> dict:
+        """Counts, times, the mean density of sparse calls and the computed fraction over all calls."""
+        sparse_density = self.density_sum / self.sparse_calls if self.sparse_calls else None
+        computed = (self.density_sum + self.dense_calls) / self.calls if self.calls else None
+        return {
+            "calls": self.calls,
+            "sparse_calls": self.sparse_calls,
+            "dense_calls": self.dense_calls,
+            "dense_reasons": dict(self.dense_reasons),
+            "sparse_density": sparse_density,
+            "computed_fraction": computed,
+            "sparse_seconds": round(self.sparse_seconds, 4),
+            "dense_seconds": round(self.dense_seconds, 4),
+        }
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+class _Shared:
+    """State shared by the per-layer copies of one processor: stats, pattern cache, messages logged once."""
+
+    def __init__(self) -> None:
+        self.stats = ProcessorStats()
+        self.patterns: dict = {}
+        self.logged: set = set()
+        self.rope: tuple = (None, None)
+
+
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    return value
+
+
+class SparseAttentionProcessor:
+    """Base of all vidattn processors (see the module docstring)."""
+
+    _attention_backend = None
+    _parallel_config = None
+    method = "sparse"
+    static_pattern = True
+    _pattern_cache_size = 16
+
+    def __init__(self, *, dense_steps: int = 0, dense_layers: int = 0, dense_last_steps: int = 0,
+                 backend: str = "auto") -> None:
+        self.dense_steps = _non_negative_int("dense_steps", dense_steps)
+        self.dense_layers = _non_negative_int("dense_layers", dense_layers)
+        self.dense_last_steps = _non_negative_int("dense_last_steps", dense_last_steps)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend = backend
+        self.layer_index: Optional[int] = None
+        self.context: Optional[StepContext] = None
+        self._shared = _Shared()
+
+    # ------------------------------------------------------------------ configuration
+    def knobs(self) -> dict:
+        """The settings that define this processor (for metadata sidecars and reprs)."""
+        return {"method": self.method, "dense_steps": self.dense_steps, "dense_layers": self.dense_layers,
+                "dense_last_steps": self.dense_last_steps, "backend": self.backend}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.knobs().items() if k != "method")
+        layer = "" if self.layer_index is None else f", layer={self.layer_index}"
+        return f"{type(self).__name__}({args}{layer})"
+
+    @property
+    def stats(self) -> ProcessorStats:
+        return self._shared.stats
+
+    def for_layer(self, layer_index: int, context: Optional[StepContext]) -> "SparseAttentionProcessor":
+        """A copy for one layer: same knobs, shared stats and pattern cache, its own layer index."""
+        clone = copy.copy(self)
+        clone.layer_index = layer_index
+        clone.context = context
+        return clone
+
+    def log_once(self, key: str, message: str, level: int = logging.INFO) -> None:
+        if key not in self._shared.logged:
+            self._shared.logged.add(key)
+            logger.log(level, message)
+
+    # ------------------------------------------------------------------ the method's part
+    def pattern(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
+        """The block pattern for this call (``q``, ``k`` are BSHD). Static methods ignore q and k."""
+        raise NotImplementedError
+
+    def _pattern_for(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
+        if not self.static_pattern:
+            return self.pattern(layout, q, k)
+        key = layout.without_valid()
+        cache = self._shared.patterns
+        if key not in cache:
+            if len(cache) >= self._pattern_cache_size:
+                cache.pop(next(iter(cache)))
+            cache[key] = self.pattern(key, q, k)
+        pattern = cache[key].to(q.device)
+        lengths = layout.key_lengths()
+        if lengths is not None:
+            pattern = pattern.with_kv_lens(torch.tensor(lengths, device=q.device))
+        return pattern
+
+    def cached_rope_layout(self, rotary_emb: Any, seq_len: int, read_back) -> Optional[TokenLayout]:
+        """``read_back(rotary_emb, seq_len)``, computed once per rotary table (all layers of a forward share it)."""
+        if rotary_emb is None:
+            return None
+        table = rotary_emb[0] if isinstance(rotary_emb, (tuple, list)) else rotary_emb
+        last, layout = self._shared.rope
+        if last is not table:
+            layout = read_back(rotary_emb, seq_len)
+            self._shared.rope = (table, layout)
+        return layout
+
+    # ------------------------------------------------------------------ policy
+    def dense_reason(self, layout: Optional[TokenLayout]) -> Optional[str]:
+        """Why this call runs dense (``None``: it runs sparse)."""
+        if layout is None:
+            return "no token layout"
+        if self.layer_index is not None and self.layer_index < self.dense_layers:
+            return "dense layer"
+        ctx = self.context
+        if ctx is None or ctx.step < 0:
+            if self.dense_steps or self.dense_last_steps:
+                self.log_once("no-step", "vidattn: dense_steps/dense_last_steps need the step context; install "
+                              "with vidattn.apply(pipe, processor) or pipe.set_attn_processor on a vidattn pipeline. "
+                              "Running every step sparse.", logging.WARNING)
+            if self.layer_index is None and self.dense_layers:
+                self.log_once("no-layer", "vidattn: dense_layers needs per-layer processors (vidattn.apply); "
+                              "a single shared instance runs every layer sparse.", logging.WARNING)
+            return None
+        if ctx.step < self.dense_steps:
+            return "dense step"
+        if self.dense_last_steps:
+            n = ctx.num_steps
+            if n is None:
+                self.log_once("no-num-steps", "vidattn: dense_last_steps needs the scheduler's number of steps; "
+                              "not known here, ignoring it.", logging.WARNING)
+            elif ctx.step >= n - self.dense_last_steps:
+                return "dense last step"
+        return None
+
+    # ------------------------------------------------------------------ the attention op
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Optional[TokenLayout],
+               dense_fn) -> torch.Tensor:
+        """Attention on BSHD q, k, v: ``dense_fn(q, k, v)`` (the stock path) or the sparse kernels."""
+        reason = self.dense_reason(layout)
+        if reason is None and layout.seq_len != q.shape[1]:
+            reason = "sequence length does not match the token layout"
+            self.log_once(f"len-{layout}-{q.shape[1]}", f"vidattn: layout {layout} has {layout.seq_len} tokens but "
+                          f"attention got {q.shape[1]}; running dense.", logging.WARNING)
+        if reason is None and self._parallel_config is not None:
+            raise NotImplementedError("vidattn sparse attention does not support diffusers context parallelism yet; "
+                                      "disable it (or use dense_layers/dense_steps to keep those layers dense)")
+        timed = q.device.type == "cpu"
+        start = time.perf_counter() if timed else 0.0
+        if reason is not None:
+            if reason == "no token layout":
+                self.log_once("no-layout", "vidattn: no token layout for this call (no step context and no "
+                              "rotary embedding to read it from); running dense.", logging.WARNING)
+            out = dense_fn(q, k, v)
+            self.stats.record(False, 1.0, time.perf_counter() - start if timed else 0.0, reason)
+            return out
+        pattern = self._pattern_for(layout, q, k)
+        out = sparse_attention(q, k, v, pattern, layout="bshd", backend=self.backend)
+        self.stats.record(True, pattern.density(), time.perf_counter() - start if timed else 0.0)
+        return out
+
+    # ------------------------------------------------------------------ diffusers entry point
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
+                 attention_mask: Optional[torch.Tensor] = None, rotary_emb: Any = None,
+                 image_rotary_emb: Any = None) -> Any:
+        from ..models import adapter_for_module
+
+        adapter = adapter_for_module(attn)
+        return adapter.process(self, attn, hidden_states, encoder_hidden_states, attention_mask,
+                               rotary_emb if rotary_emb is not None else image_rotary_emb)
+
+
+class FullProcessor(SparseAttentionProcessor):
+    """The all-ones pattern through the sparse path: dense attention computed by the sparse kernels (test probe)."""
+
+    method = "full"
+
+    def __init__(self, *, block_size: int = 128, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        self.block_size = block_size
+
+    def knobs(self) -> dict:
+        return {**super().knobs(), "block_size": self.block_size}
+
+    def pattern(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
+        return BlockPattern.full(layout.seq_len, block_q=self.block_size)
+
+
+class DenseProcessor(SparseAttentionProcessor):
+    """Every call through the stock dense path, with vidattn's statistics (the ``dense`` baseline)."""
+
+    method = "dense"
+
+    def dense_reason(self, layout: Optional[TokenLayout]) -> Optional[str]:
+        return "dense method"
