@@ -1,0 +1,130 @@
+"""Load a pipeline, install an attention processor, generate one video, write it with its metadata sidecar."""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+import vidattn
+from vidattn.processors import SparseAttentionProcessor
+
+__all__ = ["GenerationRequest", "load_pipeline", "generate_video", "versions"]
+
+TINY_MODELS = {"tiny": "toy", "tiny-bench": "bench"}
+REAL_DEFAULTS = {"height": 480, "width": 832, "num_frames": 81, "num_inference_steps": 50, "guidance_scale": 5.0}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate; ``None`` fields take the model's defaults."""
+
+    prompt: str
+    negative_prompt: str = ""
+    model: str = "tiny"
+    frames: Optional[int] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    steps: Optional[int] = None
+    guidance: Optional[float] = None
+    seed: int = 0
+    fps: int = 16
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+
+
+def versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"vidattn": vidattn.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def load_pipeline(model: str, device: str, dtype: torch.dtype):
+    """The built-in tiny pipeline (offline) or ``from_pretrained`` for a hub id / local diffusers folder.
+
+    Returns ``(pipe, defaults)`` with the model's default call settings.
+    """
+    if model in TINY_MODELS:
+        from .tiny import TINY_PRESETS, tiny_wan_pipeline
+
+        preset = TINY_MODELS[model]
+        pipe = tiny_wan_pipeline(preset, seed=0, dtype=dtype if device != "cpu" else torch.float32)
+        return pipe.to(device), dict(TINY_PRESETS[preset])
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
+    return pipe.to(device), dict(REAL_DEFAULTS)
+
+
+def check_geometry(frames: int, height: int, width: int, temporal: int, spatial: int) -> None:
+    """Raise ValueError naming the option when the pipeline cannot take this video size."""
+    if frames < 1 or (frames - 1) % temporal:
+        raise ValueError(f"--frames must be {temporal}k+1 (e.g. {temporal * 4 + 1}), got {frames}")
+    for name, value in (("--height", height), ("--width", width)):
+        if value < spatial or value % spatial:
+            raise ValueError(f"{name} must be a positive multiple of {spatial}, got {value}")
+
+
+def _pipeline_factors(pipe) -> tuple[int, int]:
+    temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
+    spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
+    patch = getattr(getattr(pipe, "transformer", None), "config", None)
+    p = getattr(patch, "patch_size", (1, 2, 2)) if patch is not None else (1, 2, 2)
+    p_s = p[-1] if isinstance(p, (tuple, list)) else int(p)
+    return temporal, spatial * p_s
+
+
+def generate_video(request: GenerationRequest, processor: SparseAttentionProcessor, out: Path, *,
+                   overwrite: bool = False, method: Optional[dict] = None) -> dict:
+    """Generate one video and write ``out`` (mp4) and ``out.with_suffix('.json')``; returns the sidecar dict."""
+    from .video_io import write_sidecar, write_video
+
+    out = Path(out)
+    device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _DTYPES[request.dtype] if request.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    t0 = time.perf_counter()
+    pipe, defaults = load_pipeline(request.model, device, dtype)
+    load_s = time.perf_counter() - t0
+    settings = {
+        "frames": request.frames or defaults["num_frames"],
+        "height": request.height or defaults["height"],
+        "width": request.width or defaults["width"],
+        "steps": request.steps or defaults["num_inference_steps"],
+        "guidance": defaults["guidance_scale"] if request.guidance is None else request.guidance,
+    }
+    check_geometry(settings["frames"], settings["height"], settings["width"], *_pipeline_factors(pipe))
+    inst = vidattn.apply(pipe, processor)
+    generator = torch.Generator(device="cpu").manual_seed(request.seed)
+    t1 = time.perf_counter()
+    try:
+        result = pipe(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+                      num_frames=settings["frames"], height=settings["height"], width=settings["width"],
+                      num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                      generator=generator, output_type="np")
+    finally:
+        vidattn.remove(pipe)
+    generate_s = time.perf_counter() - t1
+    frames = result.frames[0]
+    t2 = time.perf_counter()
+    video = write_video(frames, out, fps=request.fps, overwrite=overwrite)
+    stats = inst.stats.summary()
+    sidecar: dict[str, Any] = {
+        "video": str(video),
+        "sidecar": str(out.with_suffix(".json")),
+        "request": asdict(request),
+        "settings": {**settings, "device": device, "dtype": str(dtype).replace("torch.", "")},
+        "method": {**(method or {}), **processor.knobs()},
+        "attention": stats,
+        "timings": {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3),
+                    "attention_s": round(stats["sparse_seconds"] + stats["dense_seconds"], 3),
+                    "write_s": round(time.perf_counter() - t2, 3)},
+        "versions": versions(),
+    }
+    write_sidecar(out.with_suffix(".json"), sidecar, overwrite=overwrite)
+    return sidecar

@@ -1,0 +1,125 @@
+"""Attention benchmark: sparse backends against dense SDPA on the same q, k, v, timed interleaved in one process.
+
+Efficiency = speedup x density: 1.0 means the sparse kernel computes its blocks as fast as dense attention computes
+everything; it is the figure that tells kernel quality apart from pattern sparsity.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .kernels import BlockPattern, sparse_attention
+from .layout import TokenLayout
+
+__all__ = ["GEOMETRIES", "BenchRow", "band_pattern", "random_pattern", "bench_pattern", "time_attention"]
+
+# Latent token grids (frames, height, width) after patching.
+GEOMETRIES = {
+    "wan-1.3b-480p": (21, 30, 52),   # Wan2.1 1.3B, 480x832, 81 frames
+    "wan-720p": (21, 45, 80),        # Wan2.1 14B, 720x1280, 81 frames
+    "hunyuan-720p": (32, 45, 80),    # HunyuanVideo, 720x1280, 125 frames (text not included)
+    "bench-16k": (8, 32, 64),        # 16,384 tokens
+}
+
+
+def band_pattern(seq_len: int, density: float, block_size: int = 128) -> BlockPattern:
+    """Block band ``|r - c| <= w`` with the smallest ``w`` whose density reaches ``density``."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must lie in (0, 1], got {density}")
+    n = -(-seq_len // block_size)
+    r = torch.arange(n)
+    dist = (r[:, None] - r[None, :]).abs()
+    for w in range(n):
+        mask = dist <= w
+        pattern = BlockPattern.from_block_mask(mask, q_len=seq_len, kv_len=seq_len, block_q=block_size)
+        if pattern.density() >= density:
+            return pattern
+    return BlockPattern.full(seq_len, block_q=block_size)
+
+
+def random_pattern(seq_len: int, density: float, block_size: int = 128, seed: int = 0) -> BlockPattern:
+    """Random blocks at ``density`` (the diagonal always kept)."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must lie in (0, 1], got {density}")
+    n = -(-seq_len // block_size)
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(n, n, generator=g) < density) | torch.eye(n, dtype=torch.bool)
+    return BlockPattern.from_block_mask(mask, q_len=seq_len, kv_len=seq_len, block_q=block_size)
+
+
+def bench_pattern(kind: str, layout: TokenLayout, *, density: float = 0.25, block_size: int = 128,
+                  **knobs) -> BlockPattern:
+    """``full``, ``band``, ``random`` or ``radial`` (knobs go to ``radial_pattern``)."""
+    if kind == "full":
+        return BlockPattern.full(layout.seq_len, block_q=block_size)
+    if kind == "band":
+        return band_pattern(layout.seq_len, density, block_size)
+    if kind == "random":
+        return random_pattern(layout.seq_len, density, block_size)
+    if kind == "radial":
+        from .patterns import radial_pattern
+
+        return radial_pattern(layout, block_size=block_size, **knobs)
+    raise ValueError(f"pattern must be one of full, band, random, radial; got {kind!r}")
+
+
+@dataclass
+class BenchRow:
+    name: str
+    seconds: float
+    density: float
+    dense_seconds: float
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_seconds / self.seconds
+
+    @property
+    def efficiency(self) -> float:
+        return self.speedup * self.density
+
+
+def _timed(fn: Callable[[], torch.Tensor]) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_attention(pattern: BlockPattern, *, heads: int, head_dim: int, backends: list[str], repeats: int = 3,
+                   warmup: int = 1, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                   check: bool = True, seed: int = 0) -> tuple[list[BenchRow], dict]:
+    """Median time of dense SDPA and each backend on the same q, k, v; runs interleaved (dense, b1, b2, ...).
+
+    With ``check`` the first run of every backend is compared with dense SDPA where the pattern is all ones, and
+    with the torch backend otherwise (max abs difference reported in the second return value).
+    """
+    g = torch.Generator().manual_seed(seed)
+    s = pattern.q_len
+    q, k, v = (torch.randn(1, heads, s, head_dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    pattern = pattern.to(device)
+    fns: dict[str, Callable[[], torch.Tensor]] = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
+    for name in backends:
+        fns[name] = (lambda n: lambda: sparse_attention(q, k, v, pattern, backend=n))(name)
+    errors: dict = {}
+    with torch.inference_mode():
+        outs = {name: fn() for name, fn in fns.items() for _ in range(max(warmup, 1))}
+        if check:
+            ref: Optional[torch.Tensor] = outs["dense"] if pattern.density() == 1.0 else outs.get("torch")
+            if ref is not None:
+                errors = {n: float((o.float() - ref.float()).abs().max()) for n, o in outs.items() if n != "dense"}
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                times[name].append(_timed(fn))
+    dense = statistics.median(times["dense"])
+    density = pattern.density()
+    rows = [BenchRow(name, statistics.median(t), 1.0 if name == "dense" else density, dense)
+            for name, t in times.items()]
+    return rows, errors

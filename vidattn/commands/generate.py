@@ -1,0 +1,94 @@
+"""``vidattn generate``: one video with a chosen attention method, written as mp4 + JSON sidecar."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate one video with sparse attention",
+                       description="Generate a video with a diffusers pipeline and a vidattn attention method. "
+                                   "Writes an mp4 and a JSON sidecar (settings, versions, timings, attention stats).")
+    p.add_argument("--prompt", default="a red fox running through fresh snow, cinematic", help="text prompt")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (used when guidance > 1)")
+    p.add_argument("--method", default="dense", help="attention method: dense, full, radial (default: dense)")
+    p.add_argument("--preset", default=None, help="method preset, e.g. wan-1x for radial (knobs below override it)")
+    p.add_argument("--dense-steps", type=int, default=None, help="first N denoising steps dense")
+    p.add_argument("--dense-layers", type=int, default=None, help="first N transformer blocks dense")
+    p.add_argument("--dense-last-steps", type=int, default=None, help="last N denoising steps dense")
+    p.add_argument("--decay", type=float, default=None, help="radial: band decay factor (> 0)")
+    p.add_argument("--block-size", type=int, default=None, help="sparse block size in tokens")
+    p.add_argument("--backend", default=None, help="sparse kernel backend: auto, torch, flex, triton, reference")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (built-in toy model, offline), 'tiny-bench' (long sequences), a hub id such as "
+                        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or a local diffusers folder")
+    p.add_argument("--frames", type=int, default=None, help="number of video frames (4k+1 for Wan)")
+    p.add_argument("--height", type=int, default=None, help="height in pixels (multiple of 16 for Wan)")
+    p.add_argument("--width", type=int, default=None, help="width in pixels (multiple of 16 for Wan)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                   help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--out", default=None, help="output mp4 path (default: outputs/<method>_seed<seed>.mp4)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=run)
+
+
+def _fail(message: str) -> int:
+    print(f"vidattn generate: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _default_out(method: str, seed: int) -> Path:
+    base = Path("outputs") / f"{method}_seed{seed}.mp4"
+    n = 1
+    path = base
+    while path.exists() or path.with_suffix(".json").exists():
+        path = base.with_name(f"{base.stem}_{n}.mp4")
+        n += 1
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from vidattn.methods import METHODS, make_processor
+
+    try:
+        processor = make_processor(args.method, args.preset, dense_steps=args.dense_steps,
+                                   dense_layers=args.dense_layers, dense_last_steps=args.dense_last_steps,
+                                   decay=args.decay, block_size=args.block_size, backend=args.backend)
+    except (ValueError, TypeError) as err:
+        return _fail(f"--method {args.method}: {err}" if args.method not in METHODS else str(err))
+    for name in ("steps", "fps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return _fail(f"--{name} must be >= 1, got {value}")
+    out = Path(args.out) if args.out else _default_out(args.method, args.seed)
+    if out.suffix != ".mp4":
+        return _fail(f"--out must end in .mp4, got {out}")
+    if not args.overwrite and (out.exists() or out.with_suffix(".json").exists()):
+        return _fail(f"--out {out} (or its .json sidecar) exists; pass --overwrite to replace it")
+    from vidattn.pipelines.generate import GenerationRequest, generate_video
+
+    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model,
+                                frames=args.frames, height=args.height, width=args.width, steps=args.steps,
+                                guidance=args.guidance, seed=args.seed, fps=args.fps, device=args.device,
+                                dtype=args.dtype)
+    try:
+        result = generate_video(request, processor, out, overwrite=args.overwrite,
+                                method={"method": args.method, "preset": args.preset})
+    except ValueError as err:
+        return _fail(str(err))
+    stats = result["attention"]
+    density = stats.get("computed_fraction")
+    print(f"video     {result['video']}")
+    print(f"sidecar   {result['sidecar']}")
+    print(f"size      {result['settings']['frames']} frames x {result['settings']['height']}x"
+          f"{result['settings']['width']}, {result['settings']['steps']} steps")
+    print(f"time      {result['timings']['generate_s']:.2f} s generate, {result['timings']['attention_s']:.2f} s "
+          "in attention (CPU)")
+    print(f"attention {args.method}: {stats['sparse_calls']} sparse / {stats['dense_calls']} dense calls, "
+          f"density {'n/a' if density is None else f'{density:.3f}'} of dense computed")
+    return 0

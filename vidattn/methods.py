@@ -1,0 +1,61 @@
+"""The attention methods by name, with their presets (used by the CLI, the demo and the batch runner)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .processors import DenseProcessor, FullProcessor, SparseAttentionProcessor
+
+__all__ = ["MethodSpec", "METHODS", "make_processor", "register_method"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method name, its processor class, its presets (name -> knob dict) and the knobs it accepts."""
+
+    name: str
+    factory: Callable[..., SparseAttentionProcessor]
+    presets: dict = field(default_factory=dict)
+    knobs: tuple[str, ...] = ("dense_steps", "dense_layers", "dense_last_steps", "backend")
+    help: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {}
+_METHOD_MODULES: tuple[str, ...] = ()
+
+
+def register_method(spec: MethodSpec) -> None:
+    METHODS[spec.name] = spec
+
+
+register_method(MethodSpec("dense", DenseProcessor, knobs=(), help="stock dense attention (the baseline)"))
+register_method(MethodSpec("full", FullProcessor, knobs=("backend", "block_size"),
+                           help="all-ones pattern through the sparse kernels (a probe: equals dense)"))
+
+
+def _load_methods() -> None:
+    """Import the method modules so that they register themselves (they live in the core)."""
+    import importlib
+
+    for module in _METHOD_MODULES:
+        importlib.import_module(module)
+
+
+def make_processor(method: str, preset: Optional[str] = None, **overrides: Any) -> SparseAttentionProcessor:
+    """Processor for ``method``, starting from ``preset``'s knobs, then ``overrides`` (``None`` values ignored)."""
+    _load_methods()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    spec = METHODS[method]
+    knobs: dict = {}
+    if preset is not None:
+        if preset not in spec.presets:
+            raise ValueError(f"preset for method {method!r} must be one of {sorted(spec.presets)}, got {preset!r}")
+        knobs.update({k: v for k, v in spec.presets[preset].items() if k in spec.knobs})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in spec.knobs:
+            raise ValueError(f"method {method!r} does not take {key!r}; it takes {list(spec.knobs)}")
+        knobs[key] = value
+    return spec.factory(**knobs)
