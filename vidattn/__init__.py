@@ -3,7 +3,8 @@ from .api import Installation, apply, installed, remove
 from .context import StepContext
 from .kernels import BlockPattern, Epilogue, WindowPredicate, sparse_attention
 from .layout import TextSegment, TokenLayout
-from .processors import DenseProcessor, FullProcessor, ProcessorStats, SparseAttentionProcessor
+from .patterns import radial_pattern, radial_stats
+from .processors import DenseProcessor, FullProcessor, ProcessorStats, RadialProcessor, SparseAttentionProcessor
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "FullProcessor",
     "Installation",
     "ProcessorStats",
+    "RadialProcessor",
     "SparseAttentionProcessor",
     "StepContext",
     "TextSegment",
@@ -21,6 +23,8 @@ __all__ = [
     "WindowPredicate",
     "apply",
     "installed",
+    "radial_pattern",
+    "radial_stats",
     "remove",
     "sparse_attention",
 ]

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .processors import DenseProcessor, FullProcessor, SparseAttentionProcessor
+from .processors.radial import RADIAL_PRESETS, RadialProcessor
 
 __all__ = ["MethodSpec", "METHODS", "make_processor", "register_method"]
 
@@ -21,7 +22,6 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {}
-_METHOD_MODULES: tuple[str, ...] = ()
 
 
 def register_method(spec: MethodSpec) -> None:
@@ -31,19 +31,14 @@ def register_method(spec: MethodSpec) -> None:
 register_method(MethodSpec("dense", DenseProcessor, knobs=(), help="stock dense attention (the baseline)"))
 register_method(MethodSpec("full", FullProcessor, knobs=("backend", "block_size"),
                            help="all-ones pattern through the sparse kernels (a probe: equals dense)"))
-
-
-def _load_methods() -> None:
-    """Import the method modules so that they register themselves (they live in the core)."""
-    import importlib
-
-    for module in _METHOD_MODULES:
-        importlib.import_module(module)
+register_method(MethodSpec("radial", RadialProcessor, presets=RADIAL_PRESETS,
+                           knobs=("decay", "dense_steps", "dense_layers", "dense_last_steps", "block_size", "backend",
+                                  "sink_frames", "d1_full", "decimation_threshold"),
+                           help="Radial Attention: static energy-decay block mask, O(n log n)"))
 
 
 def make_processor(method: str, preset: Optional[str] = None, **overrides: Any) -> SparseAttentionProcessor:
     """Processor for ``method``, starting from ``preset``'s knobs, then ``overrides`` (``None`` values ignored)."""
-    _load_methods()
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     spec = METHODS[method]

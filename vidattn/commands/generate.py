@@ -70,12 +70,19 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"--out must end in .mp4, got {out}")
     if not args.overwrite and (out.exists() or out.with_suffix(".json").exists()):
         return _fail(f"--out {out} (or its .json sidecar) exists; pass --overwrite to replace it")
-    from vidattn.pipelines.generate import GenerationRequest, generate_video
+    from vidattn.pipelines.generate import TINY_MODELS, GenerationRequest, generate_video
 
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model,
                                 frames=args.frames, height=args.height, width=args.width, steps=args.steps,
                                 guidance=args.guidance, seed=args.seed, fps=args.fps, device=args.device,
                                 dtype=args.dtype)
+    published = METHODS[args.method].presets.get(args.preset, {}).get("generation", {}) if args.preset else {}
+    if published and args.model not in TINY_MODELS:
+        # Real models default to the settings the preset was published with; explicit options win.
+        for field_name, key in (("frames", "num_frames"), ("height", "height"), ("width", "width"),
+                                ("steps", "num_inference_steps"), ("guidance", "guidance_scale")):
+            if getattr(request, field_name) is None and key in published:
+                setattr(request, field_name, published[key])
     try:
         result = generate_video(request, processor, out, overwrite=args.overwrite,
                                 method={"method": args.method, "preset": args.preset})

@@ -8,13 +8,19 @@ Frames ``i, j`` at distance ``d = |i - j|`` keep the token band ``|k - l| <= w(d
     key frames j < sink_frames: the whole s x s pair is kept
 
 Each pair's token mask, placed at its frame's offset inside its first block, is shrunk to blocks by the density vote
-``#(cols with > B/3 rows kept) / #(cols with any row kept) > 0.6`` and OR-ed into the ``ceil(S/B)`` grid; text rows
-and columns (and the blocks they share with video) are dense.
+``#(cols with > 1/3 of the rows kept) / #(cols with any row kept) > 0.6`` and OR-ed into the ``ceil(S/B)`` grid; text
+rows and columns (and the blocks they share with video) are dense.
+
+Two rules beyond upstream, which used ``floor(S/B)`` blocks and so never had a ragged block:
+- the ragged last block votes over the rows that exist (``S - (nb - 1) * B``), not ``B``: otherwise a tail of fewer
+  than ``B/3`` tokens is dropped from every pair and its queries attend nothing (e.g. Wan 720p x 161 frames: 16);
+- a query block row still empty (frames of fewer than ``B/3`` tokens, the last frame's tokens spilling past its
+  tiles) keeps its diagonal block, so every query attends at least its own block. A no-op when no row is empty.
 
 The vote is computed analytically: for a band, the rows kept in a canvas column form an interval intersection, so
 ``count(l) = |[a, b) ∩ [l - w, l + w]|`` and ``{l : count(l) > t}`` is the interval ``[a + t - w, b - t + w - 1]``
 (non-empty only if ``b - a > t`` and ``2w + 1 > t``). A block tile therefore costs O(1) per block, and tiles are
-computed once per distinct (width, row offset, column offset).
+computed once per distinct (width, row offset, column offset, ragged-row position).
 """
 from __future__ import annotations
 
@@ -192,27 +198,31 @@ def _frame_widths(frames: int, s: int, block: int, decay: float, d1_full: bool, 
     return torch.tensor(out, dtype=torch.int64)
 
 
-def _vote_tiles(width: torch.Tensor, ro: torch.Tensor, co: torch.Tensor, s: int, block: int, c: int) -> torch.Tensor:
+def _vote_tiles(width: torch.Tensor, ro: torch.Tensor, co: torch.Tensor, tail: torch.Tensor, s: int, block: int,
+                c: int, tail_rows: int) -> torch.Tensor:
     """bool ``(K, c, c)``: the shrink vote of the band ``|k - l| <= width`` placed at offsets ``(ro, co)``.
 
     Block ``(bi, bj)`` sees frame rows ``[a, b)`` and frame columns ``[ca, cb)``; a column ``l`` has
     ``count(l) = |[a, b) ∩ [l - w, l + w]|`` kept rows, and ``count(l) > t`` exactly on ``[a + t - w, b - t + w - 1]``.
-    ``col_den > 1/3`` is ``count > B // 3``; the block is kept iff ``n0 > 0`` and ``n1 / n0 > 0.6`` (``5 n1 > 3 n0``).
+    ``col_den > 1/3`` is ``count > e // 3`` with ``e`` the block's existing rows (``B``, or ``tail_rows`` in tile row
+    ``tail``); the block is kept iff ``n0 > 0`` and ``n1 / n0 > 0.6``, i.e. ``5 n1 > 3 n0``.
     """
     w = width.to(torch.int32)[:, None, None]
-    edges = torch.arange(c, dtype=torch.int32) * block
+    tile_rows = torch.arange(c, dtype=torch.int32)
+    edges = tile_rows * block
     ro, co = ro.to(torch.int32), co.to(torch.int32)
     a = (edges[None, :, None] - ro[:, None, None]).clamp(min=0)
     b = (edges[None, :, None] + block - ro[:, None, None]).clamp(max=s)
     ca = (edges[None, None, :] - co[:, None, None]).clamp(min=0)
     cb = (edges[None, None, :] + block - co[:, None, None]).clamp(max=s)
     rows = b - a
+    existing = torch.where(tile_rows[None, :] == tail[:, None], tail_rows, block).to(torch.int32)[:, :, None]
 
-    def columns_over(t: int) -> torch.Tensor:
+    def columns_over(t: torch.Tensor | int) -> torch.Tensor:
         n = (torch.minimum(b + (w - t), cb) - torch.maximum(a - (w - t), ca)).clamp(min=0)
         return n * ((rows > t) & (2 * w + 1 > t))
 
-    n0, n1 = columns_over(0), columns_over(block // 3)
+    n0, n1 = columns_over(0), columns_over(existing // 3)
     return (n0 > 0) & (5 * n1 > 3 * n0)
 
 
@@ -245,10 +255,16 @@ def _radial_bitmap(layout: TokenLayout, decay: float, block: int, sink: int, d1_
     pair_w[:, :sink] = s
     start = v0 + idx * s
     first_block, offset = start // block, start % block
-    # One tile per distinct (width, query-frame offset, key-frame offset); offsets take at most B values.
-    key = ((pair_w + 1) * block + offset[:, None]) * block + offset[None, :]
+    # Tile row of the ragged last block (c where the query frame's tiles miss it, or no block is ragged).
+    tail_rows = seq - (nb - 1) * block
+    tail = nb - 1 - first_block
+    tail = torch.where((tail < c) & (tail_rows < block), tail, c)
+    # One tile per distinct (width, tail row, query-frame offset, key-frame offset); offsets take at most B values.
+    key = (((pair_w + 1) * (c + 1) + tail[:, None]) * block + offset[:, None]) * block + offset[None, :]
     uniq, inverse = torch.unique(key.reshape(-1), return_inverse=True)
-    tiles = _vote_tiles(uniq // (block * block) - 1, (uniq // block) % block, uniq % block, s, block, c)
+    ro, co = (uniq // block) % block, uniq % block
+    head = uniq // (block * block)
+    tiles = _vote_tiles(head // (c + 1) - 1, ro, co, head % (c + 1), s, block, c, tail_rows)
     # Frame i's tile rows go to blocks first_block[i] + (0..c-1): non-decreasing, and consecutive frames may share
     # their boundary block, so scatter by OR-ing the few sources of each block row, then of each column.
     grid = tiles[inverse].reshape(f, f, c, c).permute(0, 2, 1, 3).reshape(f * c, f * c)
@@ -259,6 +275,8 @@ def _radial_bitmap(layout: TokenLayout, decay: float, block: int, sink: int, d1_
         tb = slice(t0 // block, -(-(t0 + layout.text_tokens) // block))
         mask[tb, :] = True
         mask[:, tb] = True
+    empty = torch.nonzero(~mask.any(1)).flatten()
+    mask[empty, empty] = True
     return mask
 
 
@@ -267,7 +285,7 @@ def _pattern_from_bitmap(bitmap: torch.Tensor, seq: int, block: int) -> BlockPat
     nb = bitmap.shape[0]
     indptr = torch.zeros(nb + 1, dtype=torch.int64)
     torch.cumsum(_row_counts(bitmap), 0, out=indptr[1:])
-    indices = torch.nonzero(bitmap)[:, 1] if int(indptr[-1]) else torch.zeros(1, dtype=torch.int64)
+    indices = torch.nonzero(bitmap)[:, 1]
     return BlockPattern(q_len=seq, kv_len=seq, block_q=block, block_kv=block, indptr=indptr[None, None],
                         indices=indices[None, None])
 
@@ -275,6 +293,7 @@ def _pattern_from_bitmap(bitmap: torch.Tensor, seq: int, block: int) -> BlockPat
 @lru_cache(maxsize=16)
 def _build(layout: TokenLayout, decay: float, block: int, sink: int, d1_full: bool,
            threshold: float) -> BlockPattern:
+    """Build (and log the densities of) the pattern for validated knobs; memoised per (layout, knobs)."""
     began = time.perf_counter()
     bitmap = _radial_bitmap(layout, decay, block, sink, d1_full, threshold)
     pattern = _pattern_from_bitmap(bitmap, layout.seq_len, block)
@@ -301,6 +320,9 @@ def radial_pattern(layout: TokenLayout, *, decay: float = 1.0, block_size: int =
     for every query (``None``: 0, the caller passes the model default); ``d1_full`` keeps adjacent frames fully
     (else half width); ``decimation_threshold`` (> 0, tokens) is the un-decayed width below which only every
     ``int(THR / w0)``-th frame distance is kept. Cached per (layout without text validity, knobs).
+
+    Beyond upstream (see the module docstring): the ragged last block votes over its existing rows, and a query block
+    row left empty keeps its diagonal block. Both are no-ops when ``S % B == 0`` and no row is empty.
     """
     if not isinstance(layout, TokenLayout):
         raise ValueError(f"layout must be a TokenLayout, got {type(layout).__name__}")

@@ -1,4 +1,6 @@
 """Attention processors: the shared base and one class per method."""
 from .base import DenseProcessor, FullProcessor, ProcessorStats, SparseAttentionProcessor
+from .radial import RADIAL_PRESETS, RadialProcessor
 
-__all__ = ["DenseProcessor", "FullProcessor", "ProcessorStats", "SparseAttentionProcessor"]
+__all__ = ["DenseProcessor", "FullProcessor", "ProcessorStats", "RADIAL_PRESETS", "RadialProcessor",
+           "SparseAttentionProcessor"]

@@ -229,6 +229,7 @@ class SparseAttentionProcessor:
         from ..models import adapter_for_module
 
         adapter = adapter_for_module(attn)
+        self._adapter = adapter
         return adapter.process(self, attn, hidden_states, encoder_hidden_states, attention_mask,
                                rotary_emb if rotary_emb is not None else image_rotary_emb)
 
