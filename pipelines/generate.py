@@ -91,12 +91,15 @@ def generate_video(request: GenerationRequest, processor: SparseAttentionProcess
     t0 = time.perf_counter()
     pipe, defaults = load_pipeline(request.model, device, dtype)
     load_s = time.perf_counter() - t0
+    def pick(value, key):
+        return defaults[key] if value is None else value
+
     settings = {
-        "frames": request.frames or defaults["num_frames"],
-        "height": request.height or defaults["height"],
-        "width": request.width or defaults["width"],
-        "steps": request.steps or defaults["num_inference_steps"],
-        "guidance": defaults["guidance_scale"] if request.guidance is None else request.guidance,
+        "frames": pick(request.frames, "num_frames"),
+        "height": pick(request.height, "height"),
+        "width": pick(request.width, "width"),
+        "steps": pick(request.steps, "num_inference_steps"),
+        "guidance": pick(request.guidance, "guidance_scale"),
     }
     check_geometry(settings["frames"], settings["height"], settings["width"], *_pipeline_factors(pipe))
     inst = vidattn.apply(pipe, processor)

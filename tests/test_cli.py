@@ -1,0 +1,91 @@
+"""The vidattn command: generate on the tiny model, bench attention, --help, bad input; README examples run."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from vidattn.cli import COMMANDS, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_command_has_help(capsys):
+    for argv in [[], *[[c] for c in COMMANDS], ["bench", "attention"], ["mask", "radial"]]:
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--help"])
+        assert exit_.value.code == 0
+        assert "usage: vidattn" in capsys.readouterr().out
+
+
+def test_generate_tiny_radial_writes_playable_mp4(tmp_path, capsys):
+    imageio = pytest.importorskip("imageio.v3")
+    out = tmp_path / "fox.mp4"
+    rc = main(["generate", "--model", "tiny", "--method", "radial", "--block-size", "16", "--frames", "33",
+               "--steps", "2", "--seed", "3", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "density" in printed
+    frames = imageio.imread(out)
+    assert frames.shape[0] == 33 and frames.shape[-1] == 3
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["method"]["method"] == "radial" and meta["method"]["block_size"] == 16
+    assert meta["settings"]["frames"] == 33 and meta["request"]["seed"] == 3
+    assert meta["attention"]["sparse_calls"] > 0 and 0 < meta["attention"]["sparse_density"] < 1
+    assert {"torch", "diffusers", "vidattn"} <= set(meta["versions"])
+    assert meta["timings"]["generate_s"] > 0
+    # nothing already written is lost
+    before = out.read_bytes()
+    assert main(["generate", "--model", "tiny", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--frames", "10"], "--frames"),
+    (["--height", "70"], "--height"),
+    (["--width", "0"], "--width"),
+    (["--method", "magic"], "method"),
+    (["--method", "radial", "--decay", "-1"], "decay"),
+    (["--method", "radial", "--preset", "nope"], "preset"),
+    (["--steps", "0"], "--steps"),
+    (["--out", "x.avi"], "--out"),
+])
+def test_generate_bad_values_name_the_option(tmp_path, capsys, argv, option):
+    argv = [*argv] if "--out" in argv else [*argv, "--out", str(tmp_path / "v.mp4")]
+    assert main(["generate", "--model", "tiny", *argv]) == 2
+    assert option in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_bench_attention_runs_and_appends(tmp_path, capsys):
+    md = tmp_path / "bench.md"
+    rc = main(["bench", "attention", "--frames", "4", "--height", "8", "--width", "16", "--heads", "1",
+               "--head-dim", "16", "--block-size", "32", "--method", "radial", "--backends", "torch,reference",
+               "--repeats", "1", "--append", str(md)])
+    assert rc == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4x8x16")]
+    assert len(rows) == 2
+    text = md.read_text()
+    assert "Command: `vidattn bench attention" in text and "| 4x8x16 | 512 | radial |" in text
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--density", "1.5"], "--density"), (["--backends", "gpu"], "--backends"), (["--geometry", "x"], "--geometry"),
+    (["--heads", "0"], "--heads"),
+])
+def test_bench_bad_values(capsys, argv, option):
+    assert main(["bench", "attention", *argv]) == 2
+    assert option in capsys.readouterr().err
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """Every ```python block of the README runs as written (offline, tiny model)."""
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 3
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+
+
+def test_parser_builds_without_heavy_imports():
+    assert build_parser().prog == "vidattn"
