@@ -126,3 +126,57 @@ def test_radial_pipeline_end_to_end():
     assert frames.shape == (1, 33, 64, 64, 3) and bool(torch.isfinite(torch.as_tensor(frames)).all())
     assert stats["sparse_calls"] == 2 * 2 * len(pipe.transformer.blocks)
     assert 0 < stats["sparse_density"] < 1
+
+
+FAMILIES = ("wan", "hunyuan", "cogvideox", "ltx", "mochi")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_radial_equals_reference_and_is_sparse(family):
+    """Sparse radial output equals the reference backend with the same pattern; batch 2 with padded text."""
+    model = tiny_transformer(family)
+    inputs = tiny_transformer_inputs(family, batch=2, frames=9 if family != "ltx" else 9)
+    sparse, inst = _run(model, inputs, RadialProcessor(decay=0.5, backend="torch", **SMALL))
+    ref, _ = _run(model, inputs, RadialProcessor(decay=0.5, backend="reference", **SMALL))
+    with torch.no_grad():
+        dense = model(**inputs)[0]
+    assert torch.isfinite(sparse).all()
+    assert (sparse - ref).abs().max().item() <= 1e-5
+    assert (sparse - dense).abs().max().item() > 1e-5
+    stats = inst.stats.summary()
+    assert stats["dense_calls"] == 0 and 0 < stats["sparse_density"] < 1
+    assert inst.context.step == 0 and inst.context.timestep == 500.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_positional_timestep_is_tracked(family):
+    model = tiny_transformer(family)
+    inputs = tiny_transformer_inputs(family, batch=1, timestep=700.0)
+    inst = vidattn.apply(model, RadialProcessor(**SMALL))
+    try:
+        hs = inputs.pop("hidden_states")
+        order = {"wan": ("timestep", "encoder_hidden_states"), "hunyuan": ("timestep", "encoder_hidden_states"),
+                 "cogvideox": ("encoder_hidden_states", "timestep"), "ltx": ("encoder_hidden_states", "timestep"),
+                 "mochi": ("encoder_hidden_states", "timestep")}[family]
+        positional = [inputs.pop(name) for name in order]
+        with torch.no_grad():
+            model(hs, *positional, **inputs)
+    finally:
+        vidattn.remove(model)
+    assert inst.context.timestep == 700.0
+
+
+def test_hunyuan_pipeline_end_to_end_with_radial():
+    from vidattn.pipelines.tiny import TINY_HUNYUAN_SETTINGS, tiny_hunyuan_pipeline
+
+    pipe = tiny_hunyuan_pipeline(seed=0)
+    settings = dict(TINY_HUNYUAN_SETTINGS, num_frames=33)
+    inst = vidattn.apply(pipe, RadialProcessor(dense_steps=1, **SMALL))
+    try:
+        out = pipe("a fox", output_type="np", generator=torch.Generator().manual_seed(0),
+                   prompt_template={"template": "{}", "crop_start": 0}, **settings).frames
+    finally:
+        vidattn.remove(pipe)
+    stats = inst.stats.summary()
+    assert out.shape[1] == 33 and bool(torch.isfinite(torch.as_tensor(out)).all())
+    assert stats["sparse_calls"] > 0 and stats["dense_reasons"].get("dense step", 0) > 0

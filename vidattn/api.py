@@ -69,7 +69,7 @@ def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
             adapter = adapter_for_transformer(t)
             for layer, (_, module) in enumerate(adapter.self_attention_modules(t)):
                 inst.originals.append((adapter, module, adapter.get_processor(module)))
-                adapter.set_processor(module, processor.for_layer(layer, context))
+                adapter.set_processor(module, processor.for_layer(layer, context, adapter))
             inst.hooks.append(t.register_forward_pre_hook(_step_hook(adapter, context), with_kwargs=True))
     except Exception:
         _undo(inst)

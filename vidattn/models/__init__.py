@@ -4,11 +4,15 @@ from __future__ import annotations
 from torch import nn
 
 from .base import ModelAdapter
+from .cogvideox import CogVideoXAdapter
+from .hunyuan_video import HunyuanVideoAdapter
+from .ltx import LTXAdapter
+from .mochi import MochiAdapter
 from .wan import WanAdapter
 
 __all__ = ["ADAPTERS", "ModelAdapter", "adapter_for_module", "adapter_for_transformer", "register_adapter"]
 
-ADAPTERS: list[ModelAdapter] = [WanAdapter()]
+ADAPTERS: list[ModelAdapter] = [WanAdapter(), HunyuanVideoAdapter(), CogVideoXAdapter(), LTXAdapter(), MochiAdapter()]
 
 
 def register_adapter(adapter: ModelAdapter) -> None:

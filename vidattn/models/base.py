@@ -22,6 +22,7 @@ class ModelAdapter:
     """
 
     name: str = ""
+    timestep_position: int = 1
     transformer_classes: tuple[str, ...] = ()
     attention_classes: tuple[str, ...] = ()
 
@@ -46,11 +47,11 @@ class ModelAdapter:
     def grid(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[int, int, int]]:
         raise NotImplementedError
 
-    @staticmethod
-    def timestep(args: tuple, kwargs: dict, position: int = 2) -> Optional[torch.Tensor]:
+    def timestep(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """The ``timestep`` forward argument (keyword, or positional at ``timestep_position``)."""
         if "timestep" in kwargs:
             return kwargs["timestep"]
-        return args[position] if len(args) > position else None
+        return args[self.timestep_position] if len(args) > self.timestep_position else None
 
     def process(self, processor, attn: nn.Module, hidden_states: torch.Tensor,
                 encoder_hidden_states: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..layout import TokenLayout
 from .base import ModelAdapter
+from .rope import first_change
 
 __all__ = ["WanAdapter", "wan_rope_layout", "apply_wan_rotary"]
 
@@ -37,11 +38,6 @@ def apply_wan_rotary(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.
     return out.type_as(x)
 
 
-def _first_change(rows: torch.Tensor, default: int) -> int:
-    changed = torch.nonzero((rows != rows[0]).any(-1)).flatten()
-    return int(changed[0]) if changed.numel() else default
-
-
 def wan_rope_layout(rotary_emb: Any, seq_len: int) -> Optional[TokenLayout]:
     """Read ``(T, H, W)`` back from Wan's rotary table ``(cos, sin)``, each ``(1, S, 1, D)``.
 
@@ -58,8 +54,8 @@ def wan_rope_layout(rotary_emb: Any, seq_len: int) -> Optional[TokenLayout]:
     hd = 2 * (d // 6)
     td = d - 2 * hd
     rows = cos[0, :, 0]
-    hw = _first_change(rows[:, :td], seq_len)
-    w = _first_change(rows[:hw, td:td + hd], hw)
+    hw = first_change(rows[:, :td], seq_len)
+    w = first_change(rows[:hw, td:td + hd], hw)
     if hw % w or seq_len % hw:
         return None
     return TokenLayout(seq_len // hw, hw // w, w)

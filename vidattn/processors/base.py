@@ -108,6 +108,7 @@ class SparseAttentionProcessor:
         self.backend = backend
         self.layer_index: Optional[int] = None
         self.context: Optional[StepContext] = None
+        self.adapter = None
         self._shared = _Shared()
 
     # ------------------------------------------------------------------ configuration
@@ -125,11 +126,12 @@ class SparseAttentionProcessor:
     def stats(self) -> ProcessorStats:
         return self._shared.stats
 
-    def for_layer(self, layer_index: int, context: Optional[StepContext]) -> "SparseAttentionProcessor":
-        """A copy for one layer: same knobs, shared stats and pattern cache, its own layer index."""
+    def for_layer(self, layer_index: int, context: Optional[StepContext], adapter=None) -> "SparseAttentionProcessor":
+        """A copy for one layer: same knobs, shared stats and pattern cache, its own layer index and model adapter."""
         clone = copy.copy(self)
         clone.layer_index = layer_index
         clone.context = context
+        clone.adapter = adapter
         return clone
 
     def log_once(self, key: str, message: str, level: int = logging.INFO) -> None:
@@ -226,10 +228,12 @@ class SparseAttentionProcessor:
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, rotary_emb: Any = None,
                  image_rotary_emb: Any = None) -> Any:
-        from ..models import adapter_for_module
+        adapter = self.adapter
+        if adapter is None:  # a shared instance set with set_attn_processor: find the family per module
+            from ..models import adapter_for_module
 
-        adapter = adapter_for_module(attn)
-        self._adapter = adapter
+            adapter = adapter_for_module(attn)
+        self._family = adapter.name
         return adapter.process(self, attn, hidden_states, encoder_hidden_states, attention_mask,
                                rotary_emb if rotary_emb is not None else image_rotary_emb)
 

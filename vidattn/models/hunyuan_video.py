@@ -1,0 +1,149 @@
+"""HunyuanVideo adapter: reproduces ``HunyuanVideoAttnProcessor2_0`` with the attention op made sparse.
+
+Replaced: ``transformer_blocks.N.attn`` (dual-stream, layers ``0..n-1``) then ``single_transformer_blocks.N.attn``
+(single-stream, layers ``n..``). The token refiner's attention keeps its stock processor; if a shared instance
+reaches it (``set_attn_processor(p)``), the call takes the stock ``AttnProcessor2_0`` path.
+
+Token order: joint sequence ``[video | text]``, text **last**. The model's bool key mask ``(B, 1, 1, N)`` keeps
+the video and a per-sample prefix of the text; it becomes ``TextSegment(L, "last", valid=...)``, i.e. per-sample
+key lengths, which mask exactly the keys the stock mask drops. RoPE is applied to the video part only.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..layout import TextSegment, TokenLayout
+from .base import ModelAdapter
+from .rope import banded_rope_layout
+
+__all__ = ["HunyuanVideoAdapter"]
+
+
+
+
+def _valid_text(attention_mask: Optional[torch.Tensor], batch: int, video_len: int,
+                text_len: int) -> tuple[bool, Optional[tuple[int, ...]]]:
+    """``(usable, valid)``: the per-sample valid text counts when the mask is HunyuanVideo's prefix key mask."""
+    if attention_mask is None:
+        return True, None
+    n = video_len + text_len
+    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4 or attention_mask.shape[1:3] != (1, 1) \
+            or attention_mask.shape[-1] != n or attention_mask.shape[0] not in (1, batch):
+        return False, None
+    m = attention_mask.reshape(-1, n)
+    counts = m.sum(1)
+    prefix = torch.arange(n, device=m.device)[None] < counts[:, None]
+    if not bool((m == prefix).all()) or bool((counts < video_len).any()):
+        return False, None
+    valid = tuple(int(c) - video_len for c in counts.expand(batch).tolist())
+    return True, (None if all(v == text_len for v in valid) else valid)
+
+
+class HunyuanVideoAdapter(ModelAdapter):
+    name = "hunyuan"
+    transformer_classes = ("HunyuanVideoTransformer3DModel",)
+    attention_classes = ("Attention",)
+
+    def matches_module(self, module: nn.Module) -> bool:
+        """Legacy ``Attention`` modules, except CogVideoX's (whose q/k norm is a LayerNorm)."""
+        return super().matches_module(module) and not isinstance(getattr(module, "norm_q", None), nn.LayerNorm)
+
+    def self_attention_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+        dual = [(f"transformer_blocks.{i}.attn", b.attn) for i, b in enumerate(transformer.transformer_blocks)]
+        single = [(f"single_transformer_blocks.{i}.attn", b.attn)
+                  for i, b in enumerate(transformer.single_transformer_blocks)]
+        return dual + single
+
+    def grid(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[int, int, int]]:
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        if x is None or x.dim() != 5:
+            return None
+        p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+        return x.shape[2] // p_t, x.shape[3] // p, x.shape[4] // p
+
+    @staticmethod
+    def _stock(processor, attn: nn.Module, refiner: bool):
+        if refiner:
+            from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+            return AttnProcessor2_0() if getattr(attn, "scale_qk", True) else AttnProcessor()
+        from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+        stock = HunyuanVideoAttnProcessor2_0()
+        stock._attention_backend = processor._attention_backend
+        stock._parallel_config = processor._parallel_config
+        return stock
+
+    def process(self, processor, attn: nn.Module, hidden_states: torch.Tensor,
+                encoder_hidden_states: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
+                rotary_emb: Any) -> Any:
+        if encoder_hidden_states is None:
+            refiner = getattr(attn, "add_q_proj", None) is None and getattr(attn, "norm_q", None) is None
+            stock = self._stock(processor, attn, refiner)
+            if refiner:
+                return stock(attn, hidden_states, None, attention_mask)
+            return stock(attn, hidden_states, None, attention_mask, rotary_emb)
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        video_len = hidden_states.shape[1]
+        text_len = encoder_hidden_states.shape[1]
+        single = attn.add_q_proj is None
+        x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single else hidden_states
+
+        query = attn.to_q(x).unflatten(2, (attn.heads, -1))
+        key = attn.to_k(x).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(x).unflatten(2, (attn.heads, -1))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if rotary_emb is not None:
+            if single:
+                query = torch.cat([apply_rotary_emb(query[:, :-text_len], rotary_emb, sequence_dim=1),
+                                   query[:, -text_len:]], dim=1)
+                key = torch.cat([apply_rotary_emb(key[:, :-text_len], rotary_emb, sequence_dim=1),
+                                 key[:, -text_len:]], dim=1)
+            else:
+                query = apply_rotary_emb(query, rotary_emb, sequence_dim=1)
+                key = apply_rotary_emb(key, rotary_emb, sequence_dim=1)
+
+        if not single:
+            enc_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            enc_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            enc_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+            if attn.norm_added_q is not None:
+                enc_query = attn.norm_added_q(enc_query)
+            if attn.norm_added_k is not None:
+                enc_key = attn.norm_added_k(enc_key)
+            query = torch.cat([query, enc_query], dim=1)
+            key = torch.cat([key, enc_key], dim=1)
+            value = torch.cat([value, enc_value], dim=1)
+
+        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                         backend=processor._attention_backend,
+                                         parallel_config=processor._parallel_config)
+
+        layout = None
+        usable, valid = _valid_text(attention_mask, query.shape[0], video_len, text_len)
+        if usable:
+            video = self.context_layout(processor) or processor.cached_rope_layout(
+                rotary_emb, video_len, banded_rope_layout)
+            if video is not None:
+                layout = replace(video, text=TextSegment(text_len, "last", valid))
+        out = processor.attend(query, key, value, layout, dense)
+        out = out.flatten(2, 3).to(query.dtype)
+
+        out, enc_out = out[:, :-text_len], out[:, -text_len:]
+        if getattr(attn, "to_out", None) is not None:
+            out = attn.to_out[0](out)
+            out = attn.to_out[1](out)
+        if getattr(attn, "to_add_out", None) is not None:
+            enc_out = attn.to_add_out(enc_out)
+        return out, enc_out
