@@ -10,44 +10,20 @@ from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
 import vidattn
-from vidattn import BlockPattern, DenseProcessor, FullProcessor, SparseAttentionProcessor, TextSegment, TokenLayout
+from vidattn import DenseProcessor, FullProcessor, TextSegment, TokenLayout
 from vidattn.models import adapter_for_transformer
-from vidattn.models.hunyuan_video import banded_rope_layout
+from vidattn.models.rope import banded_rope_layout
 from vidattn.models.ltx import ltx_rope_layout
 from vidattn.models.mochi import mochi_rope_layout
 from vidattn.pipelines.tiny import tiny_transformer, tiny_transformer_inputs
+
+from helpers import PerturbedDense, RandomBlocks
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast")  # diffusers' Mochi RoPE, on CPU
 
 FAMILIES = ["hunyuan", "cogvideox", "ltx", "mochi"]
 GRID = (5, 6, 8)  # the latent token grid of tiny_transformer_inputs' defaults, after patching
 PER_SAMPLE = {"mochi"}  # the stock processor (and ours) attends once per sample
-
-
-class RandomBlocks(SparseAttentionProcessor):
-    """A static random block pattern (column 0 and the diagonal always kept) with a token band on half its blocks."""
-
-    method = "random-test"
-
-    def __init__(self, block_size=16, **kw):
-        super().__init__(**kw)
-        self.block_size = block_size
-
-    def pattern(self, layout, q, k):
-        g = torch.Generator().manual_seed(layout.seq_len)
-        n = -(-layout.seq_len // self.block_size)
-        mask = (torch.rand(n, n, generator=g) < 0.5) | torch.eye(n, dtype=torch.bool)
-        mask[:, 0] = True
-        return BlockPattern.from_block_mask(mask, q_len=layout.seq_len, kv_len=layout.seq_len,
-                                            block_q=self.block_size, partial=torch.rand(n, n, generator=g) < 0.5,
-                                            predicate=lambda qi, ki: (qi - ki).abs() <= 40)
-
-
-class PerturbedDense(DenseProcessor):
-    """Dense mode with q scaled by 1 + 1e-3: the exactness comparison must notice it."""
-
-    def attend(self, q, k, v, layout, dense_fn):
-        return super().attend(q * (1 + 1e-3), k, v, layout, dense_fn)
 
 
 class RecordingFull(FullProcessor):

@@ -4,37 +4,13 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 import vidattn
-from vidattn import BlockPattern, DenseProcessor, FullProcessor, SparseAttentionProcessor, TokenLayout
+from vidattn import DenseProcessor, FullProcessor, SparseAttentionProcessor, TokenLayout
 from vidattn.models.wan import wan_rope_layout
 from vidattn.pipelines.tiny import TINY_PRESETS, tiny_transformer, tiny_transformer_inputs, tiny_wan22_pipeline
 from vidattn.pipelines.tiny import tiny_wan_pipeline
 from vidattn.pipelines.wan import WanPipeline
 
-
-class RandomBlocks(SparseAttentionProcessor):
-    """A static random block pattern with a window predicate on half its blocks (exercises the sparse path)."""
-
-    method = "random-test"
-
-    def __init__(self, block_size=16, **kw):
-        super().__init__(**kw)
-        self.block_size = block_size
-
-    def pattern(self, layout, q, k):
-        g = torch.Generator().manual_seed(layout.seq_len)
-        n = -(-layout.seq_len // self.block_size)
-        mask = (torch.rand(n, n, generator=g) < 0.5) | torch.eye(n, dtype=torch.bool)
-        pred = vidattn.WindowPredicate.inward(layout.frames, layout.height, layout.width, 1, 1)
-        return BlockPattern.from_block_mask(mask, q_len=layout.seq_len, kv_len=layout.seq_len,
-                                            block_q=self.block_size, partial=torch.rand(n, n, generator=g) < 0.5,
-                                            predicate=pred)
-
-
-class PerturbedDense(DenseProcessor):
-    """Dense mode with q scaled by 1 + 1e-3: the exactness comparison must notice it."""
-
-    def attend(self, q, k, v, layout, dense_fn):
-        return super().attend(q * (1 + 1e-3), k, v, layout, dense_fn)
+from helpers import PerturbedDense, RandomBlocks
 
 
 @pytest.fixture(scope="module")

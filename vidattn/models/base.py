@@ -58,6 +58,30 @@ class ModelAdapter:
                 rotary_emb: Any) -> Any:
         raise NotImplementedError
 
+    @staticmethod
+    def dispatcher_dense(processor, attention_mask: Optional[torch.Tensor]):
+        """The stock dense op: diffusers' ``dispatch_attention_fn`` with the processor's backend and CP config."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                         backend=processor._attention_backend,
+                                         parallel_config=processor._parallel_config)
+
+        return dense
+
+    @staticmethod
+    def added_projections(attn: nn.Module, encoder_hidden_states: torch.Tensor):
+        """Text q, k, v of a dual-stream block (``add_*_proj`` + ``norm_added_*``), BSHD."""
+        query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
+        if attn.norm_added_q is not None:
+            query = attn.norm_added_q(query)
+        if attn.norm_added_k is not None:
+            key = attn.norm_added_k(key)
+        return query, key, value
+
     def context_layout(self, processor) -> Optional[TokenLayout]:
         """The video layout from the processor's step context, if it has one."""
         ctx = processor.context

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..layout import TextSegment, TokenLayout
+from ..layout import TextSegment
 from .base import ModelAdapter
 from .rope import banded_rope_layout
 
@@ -87,7 +87,6 @@ class HunyuanVideoAdapter(ModelAdapter):
             if refiner:
                 return stock(attn, hidden_states, None, attention_mask)
             return stock(attn, hidden_states, None, attention_mask, rotary_emb)
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.embeddings import apply_rotary_emb
 
         video_len = hidden_states.shape[1]
@@ -114,21 +113,12 @@ class HunyuanVideoAdapter(ModelAdapter):
                 key = apply_rotary_emb(key, rotary_emb, sequence_dim=1)
 
         if not single:
-            enc_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            enc_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            enc_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-            if attn.norm_added_q is not None:
-                enc_query = attn.norm_added_q(enc_query)
-            if attn.norm_added_k is not None:
-                enc_key = attn.norm_added_k(enc_key)
+            enc_query, enc_key, enc_value = self.added_projections(attn, encoder_hidden_states)
             query = torch.cat([query, enc_query], dim=1)
             key = torch.cat([key, enc_key], dim=1)
             value = torch.cat([value, enc_value], dim=1)
 
-        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                         backend=processor._attention_backend,
-                                         parallel_config=processor._parallel_config)
+        dense = self.dispatcher_dense(processor, attention_mask)
 
         layout = None
         usable, valid = _valid_text(attention_mask, query.shape[0], video_len, text_len)

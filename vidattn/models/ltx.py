@@ -76,7 +76,6 @@ class LTXAdapter(ModelAdapter):
                 rotary_emb: Any) -> torch.Tensor:
         if encoder_hidden_states is not None:
             return self._stock(processor)(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
         batch, seq_len, _ = hidden_states.shape
@@ -94,10 +93,7 @@ class LTXAdapter(ModelAdapter):
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
 
-        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                         backend=processor._attention_backend,
-                                         parallel_config=processor._parallel_config)
+        dense = self.dispatcher_dense(processor, attention_mask)
 
         layout = None
         if attention_mask is None:

@@ -112,13 +112,7 @@ class MochiAdapter(ModelAdapter):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        enc_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        enc_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        enc_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            enc_query = attn.norm_added_q(enc_query)
-        if attn.norm_added_k is not None:
-            enc_key = attn.norm_added_k(enc_key)
+        enc_query, enc_key, enc_value = self.added_projections(attn, encoder_hidden_states)
 
         if rotary_emb is not None:
             query = _apply_mochi_rotary(query, *rotary_emb)

@@ -88,8 +88,6 @@ class WanAdapter(ModelAdapter):
                 rotary_emb: Any) -> torch.Tensor:
         if encoder_hidden_states is not None or getattr(attn, "is_cross_attention", False):
             return self._stock(processor)(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         query, key, value = _qkv(attn, hidden_states)
         query = attn.norm_q(query)
         key = attn.norm_k(key)
@@ -100,10 +98,7 @@ class WanAdapter(ModelAdapter):
             query = apply_wan_rotary(query, *rotary_emb)
             key = apply_wan_rotary(key, *rotary_emb)
 
-        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                         backend=processor._attention_backend,
-                                         parallel_config=processor._parallel_config)
+        dense = self.dispatcher_dense(processor, attention_mask)
 
         layout = None
         if attention_mask is None:
