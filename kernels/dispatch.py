@@ -63,11 +63,29 @@ def _has_flex() -> bool:
     return True
 
 
-def choose_backend(device: torch.device, pattern: BlockPattern, needs_grad: bool) -> str:
-    """``auto``: Triton on CUDA; on CPU the torch backend (contiguous kv runs through the CPU flash kernel), which
-    measured faster than compiled FlexAttention at every density and also has a backward."""
+def _triton_fits(pattern: BlockPattern, head_dim: int) -> bool:
+    from .predicates import WindowPredicate
+    from .triton_attention import MAX_HEAD_DIM, SUPPORTED_BLOCKS
+
+    return (pattern.block_q in SUPPORTED_BLOCKS and pattern.block_kv in SUPPORTED_BLOCKS and head_dim <= MAX_HEAD_DIM
+            and (pattern.partial is None or isinstance(pattern.predicate, WindowPredicate)))
+
+
+_LOGGED: set = set()
+
+
+def choose_backend(device: torch.device, pattern: BlockPattern, head_dim: int) -> str:
+    """``auto``: Triton on CUDA when it takes the pattern (block sizes, predicate type, head dim), else
+    FlexAttention; on CPU the torch backend (contiguous kv runs through the CPU flash kernel), which measured faster
+    than compiled FlexAttention at every density and also has a backward."""
     if device.type == "cuda" and _triton_usable(device):
-        return "triton"
+        if _triton_fits(pattern, head_dim):
+            return "triton"
+        key = (pattern.block_q, pattern.block_kv, type(pattern.predicate).__name__, head_dim)
+        if key not in _LOGGED:
+            _LOGGED.add(key)
+            logger.info("vidattn: the triton backend does not take blocks %sx%s / predicate %s / head_dim %s; "
+                        "using %s", *key, "flex" if _has_flex() else "torch")
     if device.type == "cuda" and _has_flex():
         return "flex"
     return "torch"
@@ -113,8 +131,7 @@ def sparse_attention(
     if pattern.kv_lens is not None and pattern.kv_lens.numel() != b:
         raise ValueError(f"pattern.kv_lens has {pattern.kv_lens.numel()} entries for batch {b}")
     pattern = pattern.to(q.device)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    name = choose_backend(q.device, pattern, needs_grad) if backend == "auto" else backend
+    name = choose_backend(q.device, pattern, d) if backend == "auto" else backend
     fn = _load(name)
     if name == "triton":
         out, lse = fn(q, k, v, pattern, scale=scale, return_lse=return_lse, epilogue=epilogue)

@@ -328,6 +328,7 @@ class BlockPattern:
         """Pattern over (key blocks -> query blocks), for backward passes that loop over key blocks.
 
         Its predicate is called as ``predicate(kv_idx, q_idx)`` by construction (arguments swapped back).
+        ``kv_lens`` is not carried over (it would mask rows, not columns): callers apply it themselves.
         """
         key = ("T",)
         if key not in self._cache:

@@ -24,6 +24,7 @@ def reference_attention(
     out = torch.where(has_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
     lse = None
     if return_lse:
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
         lse = scores.masked_fill(~mask, float("-inf")).logsumexp(-1)
     return out, lse

@@ -10,19 +10,25 @@ the *transposed* pattern (``pattern.transposed()``, memoised on the pattern), dQ
 forward pattern. Each output tile then has exactly one writer, so gradients are deterministic, need no fp32
 scratch buffer for dQ and no zero-initialisation, and keys that no query attends get exact zeros. The price is
 recomputing ``Q K^T`` and ``dO V^T`` in both kernels (about 7 instead of 5 block GEMMs per listed block), which
-is the same trade FlashAttention-2's Triton ports make for determinism. ``delta = rowsum(dO * O)`` is a torch
-reduction. A gradient reaching the returned LSE is supported (``dS = P * (dP - delta + dlse)``). With an epilogue,
-gradients flow to q/k/v (``dO_inner = dO * r``, ``delta = rowsum(dO * (out - o))``); gradients for the
-epilogue's own tensors are refused.
+is the same trade FlashAttention-2's Triton ports make for determinism. ``delta = rowsum(dO * O)`` comes from a
+small third kernel (fp32, without fp32 copies of O and dO). A gradient reaching the returned LSE is supported
+(``dS = P * (dP - delta + dlse)``). With an epilogue, gradients flow to q/k/v (``dO_inner = dO * r``,
+``delta = rowsum(dO * (out - o))``, computed in torch); gradients for the epilogue's own tensors are refused.
 
-Portability: on CUDA the kernels are wrapped in ``triton.autotune`` over ``num_warps`` x ``num_stages`` (keyed on
-head dim, tile sizes and sequence lengths) with tile sizes from a head-dim heuristic. Under ``TRITON_INTERPRET=1``
-they run on CPU tensors with exactly one configuration and no driver query; bf16 is upcast to fp32 inside the
-kernel there (the interpreter's bf16 ``tl.dot`` is wrong), fp32 dots use IEEE precision everywhere.
+Tiles: a kernel's ``BLOCK_M x BLOCK_N`` tile equals or divides the pattern's ``block_q x block_kv`` (powers of two
+16..256); a listed block is visited as ``block / tile`` sub-tiles in one flat loop (an unrolled inner loop made the
+backward spill registers on sm_90).
+
+Portability: on CUDA each kernel is wrapped in ``triton.autotune`` over four (tile, ``num_warps``, ``num_stages``)
+configs, keyed on head dim, pattern blocks, predicate use and sequence lengths. Under ``TRITON_INTERPRET=1`` the
+kernels run on CPU tensors with exactly one configuration (tiles = pattern blocks) and no driver query; bf16 is
+upcast to fp32 inside the kernel there (the interpreter's bf16 ``tl.dot`` is wrong). fp32 dots use IEEE precision.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
@@ -30,10 +36,10 @@ import triton
 from .epilogue import Epilogue
 from .pattern import BlockPattern
 from .predicates import WindowPredicate
-from .triton_bwd import sparse_bwd_dkdv_kernel, sparse_bwd_dq_kernel
+from .triton_bwd import bwd_delta_kernel, sparse_bwd_dkdv_kernel, sparse_bwd_dq_kernel
 from .triton_fwd import sparse_fwd_kernel
 
-__all__ = ["triton_sparse_attention", "SUPPORTED_BLOCKS", "MAX_HEAD_DIM"]
+__all__ = ["MAX_HEAD_DIM", "SUPPORTED_BLOCKS", "triton_sparse_attention"]
 
 SUPPORTED_BLOCKS = (16, 32, 64, 128, 256)
 MAX_HEAD_DIM = 256
@@ -41,31 +47,52 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETING = type(sparse_fwd_kernel).__name__ == "InterpretedFunction"
 
 _TUNED: dict[str, Any] = {}
-_TUNE_KEY = ["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "BLOCK_M", "BLOCK_N", "HAS_PRED", "q_len", "kv_len"]
+_TUNE_KEY = ["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_PRED", "q_len", "kv_len"]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, sized for head dim <= 128 in bf16/fp16: checked spill-free
+# for sm_90 at d = 128 (the accumulators, fwd M x D, dK/dV 2 x N x D, dQ M x D, live in registers).
+_CONFIGS = {
+    "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 2)],
+    "dkdv": [(64, 64, 8, 1), (64, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3)],
+    "dq": [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 3)],
+}
 
 
-def _kernel(name: str, fn: Callable) -> Callable:
-    """The launchable kernel: the plain interpreted function, or (CUDA) an autotuner over warps and stages."""
-    if INTERPRETING:
-        return fn
-    if name not in _TUNED:
-        configs = [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-        _TUNED[name] = triton.autotune(configs=configs, key=_TUNE_KEY)(fn)
-    return _TUNED[name]
+def _fit_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
+    """Clamp each config's tiles to the pattern blocks (powers of two, so they divide them); halve for d > 128
+    and for fp32 inputs; drop duplicates."""
+    meta = {**named_args, **kwargs}
+    shrink = (2 if meta["BLOCK_D"] > 128 else 1) * (2 if meta["DOT_PREC"] == "ieee" else 1)
+    seen, out = set(), []
+    for cfg in configs:
+        m = max(16, min(meta["BLOCK_Q"], cfg.kwargs["BLOCK_M"] // shrink))
+        n = max(16, min(meta["BLOCK_KV"], cfg.kwargs["BLOCK_N"] // shrink))
+        key = (m, n, cfg.num_warps, cfg.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return out
 
 
-def _tiles(kind: str, block_q: int, block_kv: int, block_d: int) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)`` sub-tiles of the pattern blocks for one kernel (``fwd``, ``dkdv`` or ``dq``)."""
-    if INTERPRETING:
-        return min(block_q, 128), min(block_kv, 128)
-    wide = block_d > 128
-    if kind == "fwd":
-        m, n = (64, 32) if wide else (128, 64 if block_d > 64 else 128)
-    elif kind == "dkdv":
-        m, n = (32, 64) if wide else (32, 128)
-    else:
-        m, n = (64, 32) if wide else (128, 32)
-    return min(block_q, m), min(block_kv, n)
+def _launch(kind: str, fn: Callable, rows: int, bh: int, block_q: int, block_kv: int,
+            tile: tuple[int, int] | None, args: list, meta: dict) -> None:
+    """Launch one kernel over ``ceil(rows / tile) x bh`` programs (tile: BLOCK_N for dkdv, else BLOCK_M).
+
+    Interpreter: one configuration, tiles = pattern blocks. CUDA: ``triton.autotune`` over ``_CONFIGS`` (tiles,
+    warps, stages), unless ``tile`` fixes the tiles (then 4 warps, 2 stages).
+    """
+    axis = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
+    if INTERPRETING or tile is not None:
+        bm, bn = tile or (min(block_q, 128), min(block_kv, 128))
+        launch_opts = {} if INTERPRETING else {"num_warps": 4, "num_stages": 2}
+        n_tile = bn if kind == "dkdv" else bm
+        fn[(triton.cdiv(rows, n_tile), bh)](*args, BLOCK_M=bm, BLOCK_N=bn, **meta, **launch_opts)
+        return
+    if kind not in _TUNED:
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+                   for m, n, w, st in _CONFIGS[kind]]
+        _TUNED[kind] = triton.autotune(configs=configs, key=_TUNE_KEY,
+                                       prune_configs_by={"early_config_prune": _fit_configs})(fn)
+    _TUNED[kind][lambda m: (triton.cdiv(rows, m[axis]), bh)](*args, **meta)
 
 
 def _check_tile(tile: tuple[int, int], block_q: int, block_kv: int) -> None:
@@ -114,7 +141,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bl
         raise ValueError(f"the triton backend runs on cuda (or cpu under the interpreter), not {dev.type}")
 
 
-def _csr_args(pattern: BlockPattern, device: torch.device) -> tuple[list, dict]:
+def _csr_args(pattern: BlockPattern, device: torch.device) -> tuple[list, list]:
     """Pointer and stride arguments of a pattern's CSR (group strides 0 where the pattern is broadcast)."""
     indptr = pattern.indptr.to(device).contiguous()
     indices = pattern.indices.to(device).contiguous()
@@ -122,7 +149,7 @@ def _csr_args(pattern: BlockPattern, device: torch.device) -> tuple[list, dict]:
     bp, hp = pattern.groups
     strides = [indptr.stride(0) if bp > 1 else 0, indptr.stride(1) if hp > 1 else 0,
                indices.stride(0) if bp > 1 else 0, indices.stride(1) if hp > 1 else 0]
-    return [indptr, indices, partial], {"strides": strides}
+    return [indptr, indices, partial], strides
 
 
 def _common(q: torch.Tensor, pattern: BlockPattern) -> tuple[list, list, dict]:
@@ -133,16 +160,17 @@ def _common(q: torch.Tensor, pattern: BlockPattern) -> tuple[list, list, dict]:
     pred = pattern.predicate if pattern.partial is not None else None
     has_pred = isinstance(pred, WindowPredicate) and pred.video_tokens > 0
     if has_pred:
-        rows = pred.row_start.to(device=device, dtype=torch.int32).contiguous()
-        cols = pred.col_start.to(device=device, dtype=torch.int32).contiguous()
+        pred = pred.to(device)
+        rows = pred.row_start.to(torch.int32).contiguous()
+        cols = pred.col_start.to(torch.int32).contiguous()
         scalars = [pred.video_start, pred.video_tokens, pred.width, pred.height * pred.width, pred.row_len,
                    pred.col_len]
     else:
         rows, cols, scalars = dummy, dummy, [0, 1, 1, 1, 0, 0]
     d = q.shape[-1]
-    meta = dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_PRED=has_pred,
-                HAS_KVLENS=pattern.kv_lens is not None, UPCAST=INTERPRETING and q.dtype == torch.bfloat16,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    meta = {"HEAD_DIM": d, "BLOCK_D": max(16, triton.next_power_of_2(d)), "HAS_PRED": has_pred,
+            "HAS_KVLENS": pattern.kv_lens is not None, "UPCAST": INTERPRETING and q.dtype == torch.bfloat16,
+            "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
     return [kv_lens, rows, cols], scalars, meta
 
 
@@ -150,31 +178,26 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()]
 
 
-def _grid(rows: int, bh: int, tile: int) -> tuple[int, int]:
-    return (triton.cdiv(rows, tile), bh)
+def _empty_like_layout(t: torch.Tensor) -> torch.Tensor:
+    """Uninitialised ``(B, H, S, D)`` tensor backed by BSHD storage when ``t`` is a BSHD view, else BHSD."""
+    b, h, s, d = t.shape
+    if t.stride(2) > t.stride(1):
+        return torch.empty((b, s, h, d), dtype=t.dtype, device=t.device).transpose(1, 2)
+    return torch.empty((b, h, s, d), dtype=t.dtype, device=t.device)
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _NullGuard()
-
-
-class _NullGuard:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, need_lse: bool,
-             epilogue: Optional[Epilogue], tile: Optional[tuple[int, int]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+             epilogue: Epilogue | None, tile: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, h, sq, d = q.shape
     sk = k.shape[2]
-    out = torch.empty_like(q)
+    out = _empty_like_layout(q)
     lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device) if need_lse else out
-    csr, csr_meta = _csr_args(pattern, q.device)
+    csr, csr_strides = _csr_args(pattern, q.device)
     extra, scalars, meta = _common(q, pattern)
-    bm, bn = tile or _tiles("fwd", pattern.block_q, pattern.block_kv, meta["BLOCK_D"])
     if epilogue is not None:
         nq = pattern.num_q_blocks
         ep_s = epilogue.scale.to(q.device)
@@ -186,50 +209,47 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPa
         ep_s = ep_b = out
     ep_strides = list(ep_s.stride())[:3] + list(ep_b.stride())[:4] if epilogue is not None else [0] * 7
     with _device_guard(q):
-        _kernel("fwd", sparse_fwd_kernel)[_grid(sq, b * h, bm)](
-            q, k, v, out, lse, *csr, *extra, ep_s, ep_b, scale,
-            *_strides(q, k, v, out), *csr_meta["strides"], *ep_strides,
-            h, sq, sk, *scalars,
-            BLOCK_Q=pattern.block_q, BLOCK_KV=pattern.block_kv, BLOCK_M=bm, BLOCK_N=bn,
-            HAS_LSE=need_lse, HAS_EPI=epilogue is not None, **meta)
+        args = [q, k, v, out, lse, *csr, *extra, ep_s, ep_b, scale, *_strides(q, k, v, out), *csr_strides,
+                *ep_strides, h, sq, sk, *scalars]
+        _launch("fwd", sparse_fwd_kernel, sq, b * h, pattern.block_q, pattern.block_kv, tile, args,
+                dict(meta, BLOCK_Q=pattern.block_q, BLOCK_KV=pattern.block_kv, HAS_LSE=need_lse,
+                     HAS_EPI=epilogue is not None))
     return out, (lse if need_lse else None)
 
 
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-              dout: torch.Tensor, dlse: Optional[torch.Tensor], pattern: BlockPattern, scale: float,
-              epilogue: Optional[Epilogue], tile: Optional[tuple[int, int]]
+              dout: torch.Tensor, dlse: torch.Tensor | None, pattern: BlockPattern, scale: float,
+              epilogue: Epilogue | None, tile: tuple[int, int] | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, sq, d = q.shape
     sk = k.shape[2]
-    dof = dout.float()
     if epilogue is not None:
         rows = torch.arange(sq, device=q.device) // pattern.block_q
+        dof = dout.float()
         delta = (dof * (out.float() - epilogue.bias.to(q.device).float()[:, :, rows, :])).sum(-1)
         dout = (dof * epilogue.scale.to(q.device).float()[:, :, rows, None]).to(q.dtype)
+        delta = (delta if dlse is None else delta - dlse.float()).contiguous()
     else:
-        delta = (dof * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        delta = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+        dlse_arg = delta if dlse is None else dlse.float().contiguous()
+        with _device_guard(q):
+            bwd_delta_kernel[(triton.cdiv(sq, 64), b * h)](
+                out, dout, dlse_arg, delta, *_strides(out, dout), h, sq, HEAD_DIM=d,
+                BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_M=64, HAS_DLSE=dlse is not None)
+    dq, dk, dv = _empty_like_layout(q), _empty_like_layout(k), _empty_like_layout(v)
     extra, scalars, meta = _common(q, pattern)
     t_pattern = pattern.transposed()
     common_strides = _strides(q, k, v, dout)
     with _device_guard(q):
-        csr_t, t_meta = _csr_args(t_pattern, q.device)
-        bm, bn = tile or _tiles("dkdv", pattern.block_q, pattern.block_kv, meta["BLOCK_D"])
-        _kernel("dkdv", sparse_bwd_dkdv_kernel)[_grid(sk, b * h, bn)](
-            q, k, v, dout, lse, delta, dk, dv, *csr_t, *extra, scale,
-            *common_strides, *_strides(dk, dv), *t_meta["strides"],
-            h, sq, sk, *scalars,
-            BLOCK_Q=pattern.block_q, BLOCK_KV=pattern.block_kv, BLOCK_M=bm, BLOCK_N=bn, **meta)
-        csr, csr_meta = _csr_args(pattern, q.device)
-        bm, bn = tile or _tiles("dq", pattern.block_q, pattern.block_kv, meta["BLOCK_D"])
-        _kernel("dq", sparse_bwd_dq_kernel)[_grid(sq, b * h, bm)](
-            q, k, v, dout, lse, delta, dq, *csr, *extra, scale,
-            *common_strides, *_strides(dq), *csr_meta["strides"],
-            h, sq, sk, *scalars,
-            BLOCK_Q=pattern.block_q, BLOCK_KV=pattern.block_kv, BLOCK_M=bm, BLOCK_N=bn, **meta)
+        csr_t, csr_t_strides = _csr_args(t_pattern, q.device)
+        csr, csr_strides = _csr_args(pattern, q.device)
+        meta = dict(meta, BLOCK_Q=pattern.block_q, BLOCK_KV=pattern.block_kv)
+        args = [q, k, v, dout, lse, delta, dk, dv, *csr_t, *extra, scale, *common_strides, *_strides(dk, dv),
+                *csr_t_strides, h, sq, sk, *scalars]
+        _launch("dkdv", sparse_bwd_dkdv_kernel, sk, b * h, pattern.block_q, pattern.block_kv, tile, args, meta)
+        args = [q, k, v, dout, lse, delta, dq, *csr, *extra, scale, *common_strides, *_strides(dq),
+                *csr_strides, h, sq, sk, *scalars]
+        _launch("dq", sparse_bwd_dq_kernel, sq, b * h, pattern.block_q, pattern.block_kv, tile, args, meta)
     return dq, dk, dv
 
 
@@ -238,7 +258,7 @@ class _TritonSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float,
-                epilogue: Optional[Epilogue], tile: Optional[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+                epilogue: Epilogue | None, tile: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         out, lse = _forward(q, k, v, pattern, scale, True, epilogue, tile)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.pattern, ctx.scale, ctx.epilogue, ctx.tile = pattern, scale, epilogue, tile
@@ -246,7 +266,7 @@ class _TritonSparseAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
-    def backward(ctx: Any, dout: Optional[torch.Tensor], dlse: Optional[torch.Tensor]):
+    def backward(ctx: Any, dout: torch.Tensor | None, dlse: torch.Tensor | None):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
@@ -260,18 +280,18 @@ def triton_sparse_attention(
     v: torch.Tensor,
     pattern: BlockPattern,
     *,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     return_lse: bool = False,
-    epilogue: Optional[Epilogue] = None,
-    tile: Optional[tuple[int, int]] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    epilogue: Epilogue | None = None,
+    tile: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention ``softmax(q k^T * scale + mask) v`` on ``(B, H, S, D)`` tensors (any strides).
 
     Returns ``(out, lse)``: ``out`` in q's dtype and memory layout (a BSHD-backed view stays one), ``lse``
     ``(B, H, S_q)`` fp32 natural log when ``return_lse`` (``-inf``, with output 0, for a query with no attended
     key), else ``None``. ``epilogue`` gives ``out * r[q_block] + o[q_block]``. Differentiable in q, k, v (and
     through the LSE). ``tile=(BLOCK_M, BLOCK_N)`` overrides the kernel sub-tiles (powers of two >= 16 dividing
-    the pattern's block sizes); by default they follow the head dim on CUDA and equal the blocks when interpreting.
+    the pattern's block sizes); by default they are autotuned on CUDA and equal the blocks when interpreting.
     """
     _check_inputs(q, k, v, pattern)
     if tile is not None:

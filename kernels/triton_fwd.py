@@ -15,6 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def window_coords(idx, video_start, n_video, grid_w, hw):
     """Video membership and (row, col) of token indices on the frame-major grid (rows/cols 0 off the video)."""
@@ -73,9 +74,8 @@ def sparse_fwd_kernel(
                 mask=q_mask, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    # Pointers of the first BLOCK_N keys; a tile starting at key n adds n * stride.
-    k_tile = K + b64 * stride_kb + h64 * stride_kh + tile_n[:, None] * stride_ks + offs_d[None, :] * stride_kd
-    v_tile = V + b64 * stride_vb + h64 * stride_vh + tile_n[:, None] * stride_vs + offs_d[None, :] * stride_vd
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
 
     kv_lim = kv_len
     if HAS_KVLENS:
@@ -96,36 +96,35 @@ def sparse_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for e in range(start, end):
-        kb = tl.load(idx_base + e)
-        if HAS_PRED:
-            part = tl.load(part_base + e)
-        for sub in tl.static_range(BLOCK_KV // BLOCK_N):
-            n0 = kb * BLOCK_KV + sub * BLOCK_N
-            n_ok = tile_n < kv_lim - n0
-            kv_mask = n_ok[:, None]
-            if BLOCK_D != HEAD_DIM:
-                kv_mask = kv_mask & d_ok[None, :]
-            k = tl.load(k_tile + n0.to(tl.int64) * stride_ks, mask=kv_mask, other=0.0)
-            v = tl.load(v_tile + n0.to(tl.int64) * stride_vs, mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            t = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            if n0 + BLOCK_N > kv_lim:
-                t = tl.where(n_ok[None, :], t, float("-inf"))
-            if HAS_PRED:
-                if part != 0:
-                    k_in, ky, kx = window_coords(n0 + tile_n, video_start, n_video, grid_w, hw)
-                    keep = window_keep(q_in, y0, x0, k_in, ky, kx, row_len, col_len)
-                    t = tl.where(keep, t, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(t, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(t - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+    # One flat loop over (listed block, sub-tile): no unrolled inner loop, one pipelined stream of tiles.
+    for it in range(start * (BLOCK_KV // BLOCK_N), end * (BLOCK_KV // BLOCK_N)):
+        e = it // (BLOCK_KV // BLOCK_N)
+        n0 = tl.load(idx_base + e) * BLOCK_KV + (it % (BLOCK_KV // BLOCK_N)) * BLOCK_N
+        n_ok = tile_n < kv_lim - n0
+        kv_mask = n_ok[:, None]
+        if BLOCK_D != HEAD_DIM:
+            kv_mask = kv_mask & d_ok[None, :]
+        rows = n0 + tile_n
+        k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        t = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if n0 + BLOCK_N > kv_lim:
+            t = tl.where(n_ok[None, :], t, float("-inf"))
+        if HAS_PRED:  # noqa: SIM102 (compile-time branch; the inner one is a runtime branch)
+            if tl.load(part_base + e) != 0:
+                k_in, ky, kx = window_coords(rows, video_start, n_video, grid_w, hw)
+                keep = window_keep(q_in, y0, x0, k_in, ky, kx, row_len, col_len)
+                t = tl.where(keep, t, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(t, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(t - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]

@@ -147,3 +147,25 @@ def test_bad_inputs_are_named():
         sparse_attention(q, q, q, p, layout="sbhd")
     with pytest.raises(ValueError, match="q_len"):
         sparse_attention(q, q, q, BlockPattern.full(12, block_q=4))
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_torch_backend_worker_threads_match_reference(inference):
+    """Many query chunks take the worker-thread path (one single-threaded kernel call per chunk and run)."""
+    g = torch.Generator().manual_seed(4)
+    s = 37 * 8 + 5
+    bitmap = torch.rand(38, 38, generator=g) < 0.3
+    pred = WindowPredicate.inward(2, 10, 15, 2, 3, video_start=1)
+    p = BlockPattern.from_block_mask(bitmap, q_len=s, kv_len=s, block_q=8, partial=torch.rand(38, 38, generator=g) < 0.3,
+                                     predicate=pred, kv_lens=torch.tensor([s, s - 4]))
+    q, k, v = (torch.randn(2, 2, s, 16, generator=g) for _ in range(3))
+    ref, ref_lse = reference_attention(q, k, v, p, return_lse=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode(inference):
+            out, lse = sparse_attention(q, k, v, p, backend="torch", return_lse=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert (out - ref).abs().max().item() <= 1e-5
+    _close_lse(lse, ref_lse)
