@@ -2,7 +2,7 @@
 
 Inference (no grad): each query block's listed key blocks are merged into maximal *runs* of consecutive blocks.
 A run is a contiguous slice of k and v — a view, no copy — handed to the fused CPU flash kernel
-(``aten._scaled_dot_product_flash_attention_for_cpu``; plain SDPA elsewhere), which also returns the log-sum-exp,
+(``torch._scaled_dot_product_flash_attention_for_cpu``; plain math elsewhere), which also returns the log-sum-exp,
 so the partial results of a query block's runs merge exactly:
 
     lse = log sum_r exp(lse_r),    out = sum_r exp(lse_r - lse) * out_r
@@ -26,6 +26,11 @@ from .pattern import BlockPattern
 __all__ = ["torch_sparse_attention", "plan_runs"]
 
 Run = tuple[int, int, bool]  # (first key token, end key token, needs the predicate)
+
+# The CPU flash kernel with its log-sum-exp. The ``torch.`` binding releases the GIL during the call (the
+# ``torch.ops.aten`` route does not fully), which the worker threads below depend on.
+_CPU_FLASH = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu",
+                     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
 
 
 def plan_runs(pattern: BlockPattern) -> list[list[tuple[int, int, tuple[Run, ...]]]]:
@@ -101,7 +106,7 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         add = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         add = add.expand(q.shape[0], 1, q.shape[2], k.shape[2]) if add.shape[0] == 1 and q.shape[0] > 1 else add
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=add, scale=scale)
+        out, lse = _CPU_FLASH(q, k, v, attn_mask=add, scale=scale)
     else:
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
         if add is not None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .kernels import BlockPattern, sparse_attention
 from .layout import TokenLayout
 
-__all__ = ["GEOMETRIES", "BenchRow", "band_pattern", "random_pattern", "bench_pattern", "time_attention"]
+__all__ = ["GEOMETRIES", "cpu_name", "BenchRow", "band_pattern", "random_pattern", "bench_pattern", "time_attention"]
 
 # Latent token grids (frames, height, width) after patching.
 GEOMETRIES = {
@@ -68,6 +68,20 @@ def bench_pattern(kind: str, layout: TokenLayout, *, density: float = 0.25, bloc
     raise ValueError(f"pattern must be one of full, band, random, radial; got {kind!r}")
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what ``platform`` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @dataclass
 class BenchRow:
     name: str
@@ -112,8 +126,9 @@ def time_attention(pattern: BlockPattern, *, heads: int, head_dim: int, backends
         outs = {name: fn() for name, fn in fns.items() for _ in range(max(warmup, 1))}
         if check:
             ref: Optional[torch.Tensor] = outs["dense"] if pattern.density() == 1.0 else outs.get("torch")
-            if ref is not None:
-                errors = {n: float((o.float() - ref.float()).abs().max()) for n, o in outs.items() if n != "dense"}
+            if ref is None:
+                ref = sparse_attention(q, k, v, pattern, backend="torch")
+            errors = {n: float((o.float() - ref.float()).abs().max()) for n, o in outs.items() if n != "dense"}
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(repeats):
             for name, fn in fns.items():

@@ -127,8 +127,11 @@ def _append(path: Path, lines: list[str], args: argparse.Namespace) -> None:
     import torch
 
     command = "vidattn " + " ".join(shlex.quote(a) for a in args.argv)
-    machine = (f"{platform.machine()} {platform.processor() or ''}".strip() + f", {os.cpu_count()} cores, "
-               f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}")
+    from vidattn.bench import cpu_name
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
+    machine = (f"{device} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
     header = [
         "",
         f"### attention, {args.pattern}, {datetime.date.today().isoformat()}",
