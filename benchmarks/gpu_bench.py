@@ -258,7 +258,8 @@ def write_tables(rows: list[dict], args: argparse.Namespace) -> str:
     rows); returns the markdown."""
     import triton
 
-    header = (f"# Block-sparse attention benchmark (bf16)\n\n{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+    header = (f"# Block-sparse attention benchmark (bf16)\n\n"
+              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
               f"triton {triton.__version__}; median of up to {args.reps} runs after {args.warmup} warm-up; blocks "
               f"{args.block}x{args.block}. TFLOP/s count the listed blocks only (forward 4·B·H·D·pairs, fwd+bwd 3.5x); "
               "efficiency = speedup x density.")

@@ -71,7 +71,8 @@ def plan_runs(pattern: BlockPattern) -> list[list[tuple[int, int, tuple[Run, ...
     return plans
 
 
-def _run_mask(pattern: BlockPattern, q0: int, q1: int, k0: int, k1: int, part: bool, sample: slice) -> Optional[torch.Tensor]:
+def _run_mask(pattern: BlockPattern, q0: int, q1: int, k0: int, k1: int, part: bool,
+              sample: slice) -> Optional[torch.Tensor]:
     """Boolean keep-mask ``(b|1, 1, q, k)`` for one run, or None when every pair of the run is kept."""
     mask = None
     dev = pattern.device

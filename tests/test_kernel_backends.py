@@ -156,8 +156,9 @@ def test_torch_backend_worker_threads_match_reference(inference):
     s = 37 * 8 + 5
     bitmap = torch.rand(38, 38, generator=g) < 0.3
     pred = WindowPredicate.inward(2, 10, 15, 2, 3, video_start=1)
-    p = BlockPattern.from_block_mask(bitmap, q_len=s, kv_len=s, block_q=8, partial=torch.rand(38, 38, generator=g) < 0.3,
-                                     predicate=pred, kv_lens=torch.tensor([s, s - 4]))
+    partial = torch.rand(38, 38, generator=g) < 0.3
+    p = BlockPattern.from_block_mask(bitmap, q_len=s, kv_len=s, block_q=8, partial=partial, predicate=pred,
+                                     kv_lens=torch.tensor([s, s - 4]))
     q, k, v = (torch.randn(2, 2, s, 16, generator=g) for _ in range(3))
     ref, ref_lse = reference_attention(q, k, v, p, return_lse=True)
     threads = torch.get_num_threads()
