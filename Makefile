@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/vidattn generate --model tiny --method radial --prompt "a red fox running through fresh snow" \
+	$(VENV)/bin/vidattn generate --model tiny --method radial --frames 65 --block-size 16 \
+		--prompt "a red fox running through fresh snow" \
 		--out outputs/tiny_radial.mp4 --overwrite
 
 test: setup
