@@ -13,16 +13,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_fwd import window_coords, window_keep
-
-
-@triton.jit
-def window_keep_t(k_in, ky, kx, q_in, y0, x0, row_len, col_len):
-    """``(N, M)`` keep mask (keys on rows): key inside the query's window, or either token outside the video."""
-    in_rows = (ky[:, None] >= y0[None, :]) & (ky[:, None] < y0[None, :] + row_len)
-    in_cols = (kx[:, None] >= x0[None, :]) & (kx[:, None] < x0[None, :] + col_len)
-    both_video = k_in[:, None] & q_in[None, :]
-    return (in_rows & in_cols) | (both_video == 0)
+from .triton_common import (
+    LOG2E,
+    csr_row,
+    fixed_window_side,
+    kv_limit,
+    kv_tile_step,
+    load_lse_delta,
+    load_tiles,
+    program_coords,
+    sub_tile,
+    tile_mask,
+    tile_scores,
+)
 
 
 @triton.jit
@@ -44,79 +47,41 @@ def sparse_bwd_dkdv_kernel(
     HAS_PRED: tl.constexpr, HAS_KVLENS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Program ``(n, b*H + h)``: dK, dV of key rows ``[n*BLOCK_N, (n+1)*BLOCK_N)``; the CSR is the transposed one."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    pid_n, pid_bh, b, h, b64, h64 = program_coords(num_heads)
     kblk = (pid_n * BLOCK_N) // BLOCK_KV
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     tile_m = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
-    kv_lim = kv_len
-    if HAS_KVLENS:
-        kv_lim = tl.minimum(kv_lim, tl.load(KvLens + b))
+    kv_lim = kv_limit(kv_len, KvLens, b, HAS_KVLENS)
     n_ok = offs_n < kv_lim
-    kv_mask = n_ok[:, None]
-    st_mask = (offs_n < kv_len)[:, None]
-    if BLOCK_D != HEAD_DIM:
-        kv_mask = kv_mask & d_ok[None, :]
-        st_mask = st_mask & d_ok[None, :]
-    k = tl.load(K + b64 * stride_kb + h64 * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + h64 * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    if HAS_PRED:
-        k_in, ky, kx = window_coords(offs_n, video_start, n_video, grid_w, hw)
+    st_mask = tile_mask(offs_n < kv_len, d_ok, HEAD_DIM, BLOCK_D)
+    k, v = load_tiles((K + b64 * stride_kb + h64 * stride_kh, V + b64 * stride_vb + h64 * stride_vh,
+                       stride_ks, stride_kd, stride_vs, stride_vd),
+                      offs_n, offs_d, tile_mask(n_ok, d_ok, HEAD_DIM, BLOCK_D), UPCAST)
+    win = (RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len)
+    k_win = fixed_window_side(offs_n, win, False, HAS_PRED)
     key_tail = pid_n * BLOCK_N + BLOCK_N > kv_lim
 
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
-    do_base = DO + b64 * stride_ob + h64 * stride_oh
+    qdo = (Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_ob + h64 * stride_oh,
+           stride_qs, stride_qd, stride_os, stride_od)
     lse_base = Lse + pid_bh.to(tl.int64) * q_len
     delta_base = Delta + pid_bh.to(tl.int64) * q_len
-    row_ptr = Indptr + b * stride_pb + h * stride_ph + kblk
-    start = tl.load(row_ptr)
-    end = tl.load(row_ptr + 1)
-    idx_base = Indices + b * stride_ib + h * stride_ih
-    part_base = Partial + b * stride_ib + h * stride_ih
+    start, end, idx_base, part_base = csr_row(Indptr, Indices, Partial, b, h, kblk,
+                                              stride_pb, stride_ph, stride_ib, stride_ih)
 
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # One flat loop over (listed query block, sub-tile), as in the forward kernel.
     for it in range(start * (BLOCK_Q // BLOCK_M), end * (BLOCK_Q // BLOCK_M)):
-        e = it // (BLOCK_Q // BLOCK_M)
-        m0 = tl.load(idx_base + e) * BLOCK_Q + (it % (BLOCK_Q // BLOCK_M)) * BLOCK_M
+        e, m0 = sub_tile(it, idx_base, BLOCK_Q, BLOCK_M)
         m_ok = tile_m < q_len - m0
-        q_mask = m_ok[:, None]
-        if BLOCK_D != HEAD_DIM:
-            q_mask = q_mask & d_ok[None, :]
         rows = m0 + tile_m
-        q = tl.load(q_base + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_os + offs_d[None, :] * stride_od, mask=q_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        # Rows past q_len and rows with no attended key get lse = +inf, hence P = 0.
-        lse = tl.load(lse_base + rows, mask=m_ok, other=float("inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-        delta = tl.load(delta_base + rows, mask=m_ok, other=0.0)
-        t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
-        if key_tail:
-            t = tl.where(n_ok[:, None], t, float("-inf"))
-        if HAS_PRED:  # noqa: SIM102 (compile-time branch; the inner one is a runtime branch)
-            if tl.load(part_base + e) != 0:
-                q_in, qy, qx = window_coords(rows, video_start, n_video, grid_w, hw)
-                y0 = tl.load(RowStart + qy)
-                x0 = tl.load(ColStart + qx)
-                keep = window_keep_t(k_in, ky, kx, q_in, y0, x0, row_len, col_len)
-                t = tl.where(keep, t, float("-inf"))
+        q, do = load_tiles(qdo, rows, offs_d, tile_mask(m_ok, d_ok, HEAD_DIM, BLOCK_D), UPCAST)
+        lse2, delta = load_lse_delta(lse_base, delta_base, rows, m_ok)
+        t = tile_scores(k, q, qk_scale, n_ok, key_tail, k_win, rows, part_base + e, win, HAS_PRED, True, DOT_PREC)
         p = tl.math.exp2(t - lse2[None, :])
         dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PREC)
         dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
@@ -148,12 +113,7 @@ def sparse_bwd_dq_kernel(
     HAS_PRED: tl.constexpr, HAS_KVLENS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Program ``(m, b*H + h)``: dQ of query rows ``[m*BLOCK_M, (m+1)*BLOCK_M)`` over the forward CSR row."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    pid_m, pid_bh, b, h, b64, h64 = program_coords(num_heads)
     qblk = (pid_m * BLOCK_M) // BLOCK_Q
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -161,60 +121,25 @@ def sparse_bwd_dq_kernel(
     tile_n = tl.arange(0, BLOCK_N)
     m_ok = offs_m < q_len
     d_ok = offs_d < HEAD_DIM
-    q_mask = m_ok[:, None]
-    if BLOCK_D != HEAD_DIM:
-        q_mask = q_mask & d_ok[None, :]
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)
-    do = tl.load(DO + b64 * stride_ob + h64 * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-                 mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q_mask = tile_mask(m_ok, d_ok, HEAD_DIM, BLOCK_D)
+    q, do = load_tiles((Q + b64 * stride_qb + h64 * stride_qh, DO + b64 * stride_ob + h64 * stride_oh,
+                        stride_qs, stride_qd, stride_os, stride_od), offs_m, offs_d, q_mask, UPCAST)
     row_base = pid_bh.to(tl.int64) * q_len
-    lse = tl.load(Lse + row_base + offs_m, mask=m_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-    delta = tl.load(Delta + row_base + offs_m, mask=m_ok, other=0.0)
+    lse2, delta = load_lse_delta(Lse + row_base, Delta + row_base, offs_m, m_ok)
 
-    kv_lim = kv_len
-    if HAS_KVLENS:
-        kv_lim = tl.minimum(kv_lim, tl.load(KvLens + b))
-    if HAS_PRED:
-        q_in, qy, qx = window_coords(offs_m, video_start, n_video, grid_w, hw)
-        y0 = tl.load(RowStart + qy)
-        x0 = tl.load(ColStart + qx)
+    kv_lim = kv_limit(kv_len, KvLens, b, HAS_KVLENS)
+    win = (RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len)
+    q_win = fixed_window_side(offs_m, win, True, HAS_PRED)
+    kv = (K + b64 * stride_kb + h64 * stride_kh, V + b64 * stride_vb + h64 * stride_vh,
+          stride_ks, stride_kd, stride_vs, stride_vd)
+    start, end, idx_base, part_base = csr_row(Indptr, Indices, Partial, b, h, qblk,
+                                              stride_pb, stride_ph, stride_ib, stride_ih)
 
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
-    row_ptr = Indptr + b * stride_pb + h * stride_ph + qblk
-    start = tl.load(row_ptr)
-    end = tl.load(row_ptr + 1)
-    idx_base = Indices + b * stride_ib + h * stride_ih
-    part_base = Partial + b * stride_ib + h * stride_ih
-
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for it in range(start * (BLOCK_KV // BLOCK_N), end * (BLOCK_KV // BLOCK_N)):
-        e = it // (BLOCK_KV // BLOCK_N)
-        n0 = tl.load(idx_base + e) * BLOCK_KV + (it % (BLOCK_KV // BLOCK_N)) * BLOCK_N
-        n_ok = tile_n < kv_lim - n0
-        kv_mask = n_ok[:, None]
-        if BLOCK_D != HEAD_DIM:
-            kv_mask = kv_mask & d_ok[None, :]
-        rows = n0 + tile_n
-        k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        t = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if n0 + BLOCK_N > kv_lim:
-            t = tl.where(n_ok[None, :], t, float("-inf"))
-        if HAS_PRED:  # noqa: SIM102 (compile-time branch; the inner one is a runtime branch)
-            if tl.load(part_base + e) != 0:
-                k_in, ky, kx = window_coords(rows, video_start, n_video, grid_w, hw)
-                keep = window_keep(q_in, y0, x0, k_in, ky, kx, row_len, col_len)
-                t = tl.where(keep, t, float("-inf"))
+        k, v, t = kv_tile_step(it, q, q_win, kv, idx_base, part_base, tile_n, offs_d, d_ok, kv_lim, qk_scale, win,
+                               HEAD_DIM, BLOCK_D, BLOCK_KV, BLOCK_N, HAS_PRED, UPCAST, DOT_PREC)
         p = tl.math.exp2(t - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])

@@ -15,23 +15,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def window_coords(idx, video_start, n_video, grid_w, hw):
-    """Video membership and (row, col) of token indices on the frame-major grid (rows/cols 0 off the video)."""
-    rel = idx - video_start
-    inside = (rel >= 0) & (rel < n_video)
-    pos = tl.minimum(tl.maximum(rel, 0), n_video - 1) % hw
-    return inside, pos // grid_w, pos % grid_w
-
-
-@triton.jit
-def window_keep(q_in, y0, x0, k_in, ky, kx, row_len, col_len):
-    """``(M, N)`` keep mask: key inside the query's window, or either token outside the video."""
-    in_rows = (ky[None, :] >= y0[:, None]) & (ky[None, :] < y0[:, None] + row_len)
-    in_cols = (kx[None, :] >= x0[:, None]) & (kx[None, :] < x0[:, None] + col_len)
-    both_video = q_in[:, None] & k_in[None, :]
-    return (in_rows & in_cols) | (both_video == 0)
+from .triton_common import (
+    LOG2E,
+    csr_row,
+    fixed_window_side,
+    kv_limit,
+    kv_tile_step,
+    load_tile,
+    program_coords,
+    tile_mask,
+)
 
 
 @triton.jit
@@ -54,12 +47,7 @@ def sparse_fwd_kernel(
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Program ``(m, b*H + h)``: output rows ``[m*BLOCK_M, (m+1)*BLOCK_M)`` of sample b, head h."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
+    pid_m, pid_bh, b, h, b64, h64 = program_coords(num_heads)
     qblk = (pid_m * BLOCK_M) // BLOCK_Q
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -67,57 +55,26 @@ def sparse_fwd_kernel(
     tile_n = tl.arange(0, BLOCK_N)
     m_ok = offs_m < q_len
     d_ok = offs_d < HEAD_DIM
-    q_mask = m_ok[:, None]
-    if BLOCK_D != HEAD_DIM:
-        q_mask = q_mask & d_ok[None, :]
-    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
+    q_mask = tile_mask(m_ok, d_ok, HEAD_DIM, BLOCK_D)
+    q = load_tile(Q + b64 * stride_qb + h64 * stride_qh, offs_m, offs_d, stride_qs, stride_qd, q_mask, UPCAST)
+    kv = (K + b64 * stride_kb + h64 * stride_kh, V + b64 * stride_vb + h64 * stride_vh,
+          stride_ks, stride_kd, stride_vs, stride_vd)
 
-    kv_lim = kv_len
-    if HAS_KVLENS:
-        kv_lim = tl.minimum(kv_lim, tl.load(KvLens + b))
-    if HAS_PRED:
-        q_in, qy, qx = window_coords(offs_m, video_start, n_video, grid_w, hw)
-        y0 = tl.load(RowStart + qy)
-        x0 = tl.load(ColStart + qx)
+    kv_lim = kv_limit(kv_len, KvLens, b, HAS_KVLENS)
+    win = (RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len)
+    q_win = fixed_window_side(offs_m, win, True, HAS_PRED)
+    start, end, idx_base, part_base = csr_row(Indptr, Indices, Partial, b, h, qblk,
+                                              stride_pb, stride_ph, stride_ib, stride_ih)
 
-    row_ptr = Indptr + b * stride_pb + h * stride_ph + qblk
-    start = tl.load(row_ptr)
-    end = tl.load(row_ptr + 1)
-    idx_base = Indices + b * stride_ib + h * stride_ih
-    part_base = Partial + b * stride_ib + h * stride_ih
-
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # One flat loop over (listed block, sub-tile): no unrolled inner loop, one pipelined stream of tiles.
     for it in range(start * (BLOCK_KV // BLOCK_N), end * (BLOCK_KV // BLOCK_N)):
-        e = it // (BLOCK_KV // BLOCK_N)
-        n0 = tl.load(idx_base + e) * BLOCK_KV + (it % (BLOCK_KV // BLOCK_N)) * BLOCK_N
-        n_ok = tile_n < kv_lim - n0
-        kv_mask = n_ok[:, None]
-        if BLOCK_D != HEAD_DIM:
-            kv_mask = kv_mask & d_ok[None, :]
-        rows = n0 + tile_n
-        k = tl.load(k_base + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        t = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if n0 + BLOCK_N > kv_lim:
-            t = tl.where(n_ok[None, :], t, float("-inf"))
-        if HAS_PRED:  # noqa: SIM102 (compile-time branch; the inner one is a runtime branch)
-            if tl.load(part_base + e) != 0:
-                k_in, ky, kx = window_coords(rows, video_start, n_video, grid_w, hw)
-                keep = window_keep(q_in, y0, x0, k_in, ky, kx, row_len, col_len)
-                t = tl.where(keep, t, float("-inf"))
+        k, v, t = kv_tile_step(it, q, q_win, kv, idx_base, part_base, tile_n, offs_d, d_ok, kv_lim, qk_scale, win,
+                               HEAD_DIM, BLOCK_D, BLOCK_KV, BLOCK_N, HAS_PRED, UPCAST, DOT_PREC)
         m_new = tl.maximum(m_i, tl.max(t, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(t - m_safe[:, None])

@@ -1,17 +1,16 @@
-"""Pipelines: drop-in diffusers subclasses, tiny offline pipelines, video I/O, batch generation.
+"""Pipelines: drop-in diffusers subclasses, tiny offline pipelines, video I/O, generation.
 
-Import submodules directly (``vidattn.pipelines.tiny``); the pipeline classes load lazily.
+``vidattn.pipelines.WanPipeline`` (and the HunyuanVideo, CogVideoX, LTX and Mochi ones) load lazily; import the
+submodules (``vidattn.pipelines.tiny``, ``.video_io``, ``.generate``) directly.
 """
 from __future__ import annotations
 
 import importlib
 
-__all__ = ["WanPipeline"]
-
-_LAZY = {"WanPipeline": "wan"}
+__all__ = ["CogVideoXPipeline", "HunyuanVideoPipeline", "LTXPipeline", "MochiPipeline", "WanPipeline"]
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in __all__:
+        return getattr(importlib.import_module(".dropin", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -159,10 +159,27 @@ def _tiny_wan_transformer(preset: str) -> WanTransformer3DModel:
 
 def _default_wan_pipeline_cls() -> type[WanPipeline]:
     try:
-        from vidattn.pipelines.wan import WanPipeline as VidattnWanPipeline
+        from vidattn.pipelines.dropin import WanPipeline as VidattnWanPipeline
     except ImportError:
         return WanPipeline
     return VidattnWanPipeline
+
+
+def _build_wan(cls: type[WanPipeline], dtype: torch.dtype, presets: tuple[str, ...], **kwargs: Any) -> WanPipeline:
+    """A Wan pipeline of ``cls``: text encoder, VAE, then one transformer per preset (``transformer``,
+    ``transformer_2``), built in that order (the order fixes the seeded weights); ``kwargs`` go to ``cls``."""
+    text_encoder = _tiny_umt5(_WAN_TEXT_DIM)
+    vae = _tiny_wan_vae()
+    transformers = [_tiny_wan_transformer(preset) for preset in presets]
+    names = ("transformer", "transformer_2")[:len(transformers)]
+    return cls(
+        tokenizer=tiny_tokenizer(),
+        text_encoder=_cast(text_encoder, dtype),
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        **{name: _cast(transformer, dtype) for name, transformer in zip(names, transformers)},
+        **kwargs,
+    )
 
 
 def tiny_wan_pipeline(
@@ -175,25 +192,12 @@ def tiny_wan_pipeline(
 
     ``preset`` picks the transformer size ("toy": 2 heads x 16, "bench": 2 heads x 64); generation defaults are in
     ``TINY_PRESETS[preset]``. ``dtype`` applies to the transformer and text encoder; the VAE stays float32 (as Wan
-    is usually run). ``pipeline_cls`` defaults to ``vidattn.pipelines.wan.WanPipeline`` when importable.
+    is usually run). ``pipeline_cls`` defaults to ``vidattn.pipelines.WanPipeline`` when importable.
     """
     if preset not in _WAN_TRANSFORMERS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(_WAN_TRANSFORMERS)}")
     cls = pipeline_cls or _default_wan_pipeline_cls()
-
-    def build() -> WanPipeline:
-        text_encoder = _tiny_umt5(_WAN_TEXT_DIM)
-        vae = _tiny_wan_vae()
-        transformer = _tiny_wan_transformer(preset)
-        return cls(
-            tokenizer=tiny_tokenizer(),
-            text_encoder=_cast(text_encoder, dtype),
-            vae=vae,
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            transformer=_cast(transformer, dtype),
-        )
-
-    return _seeded(seed, build)
+    return _seeded(seed, lambda: _build_wan(cls, dtype, (preset,)))
 
 
 def tiny_wan22_pipeline(
@@ -205,23 +209,7 @@ def tiny_wan22_pipeline(
     are 1000 (``transformer``) and ~8.9 (``transformer_2``), so each transformer runs one step (cond + uncond).
     """
     cls = pipeline_cls or _default_wan_pipeline_cls()
-
-    def build() -> WanPipeline:
-        text_encoder = _tiny_umt5(_WAN_TEXT_DIM)
-        vae = _tiny_wan_vae()
-        transformer = _tiny_wan_transformer("toy")
-        transformer_2 = _tiny_wan_transformer("toy")
-        return cls(
-            tokenizer=tiny_tokenizer(),
-            text_encoder=_cast(text_encoder, dtype),
-            vae=vae,
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            transformer=_cast(transformer, dtype),
-            transformer_2=_cast(transformer_2, dtype),
-            boundary_ratio=_WAN_BOUNDARY_RATIO,
-        )
-
-    return _seeded(seed, build)
+    return _seeded(seed, lambda: _build_wan(cls, dtype, ("toy", "toy"), boundary_ratio=_WAN_BOUNDARY_RATIO))
 
 
 def _tiny_hunyuan_transformer() -> HunyuanVideoTransformer3DModel:

@@ -1,6 +1,7 @@
-"""Test processors shared by the processor and adapter tests."""
+"""Test processors and run helpers shared by the processor and adapter tests."""
 import torch
 
+import vidattn
 from vidattn import BlockPattern, DenseProcessor, SparseAttentionProcessor
 
 
@@ -28,3 +29,59 @@ class PerturbedDense(DenseProcessor):
 
     def attend(self, q, k, v, layout, dense_fn):
         return super().attend(q * (1 + 1e-3), k, v, layout, dense_fn)
+
+
+def run_model(model, inputs):
+    """One forward pass without autograd; the model's first output."""
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+def run_applied(model, inputs, processor):
+    """:func:`run_model` with ``processor`` installed by ``vidattn.apply`` and removed afterwards; returns
+    ``(output, applied instance)``."""
+    inst = vidattn.apply(model, processor)
+    try:
+        return run_model(model, inputs), inst
+    finally:
+        vidattn.remove(model)
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def run_with_shared_processor(model, inputs, proc, modules=None):
+    """:func:`run_model` with one processor instance installed by hand, as a diffusers user would, then the stock
+    processors restored: ``model.set_attn_processor(proc)``, or ``m.processor = proc`` on each of ``modules`` (for
+    models without ``set_attn_processor``, e.g. Mochi)."""
+    if modules is None:
+        stock = dict(model.attn_processors)
+        model.set_attn_processor(proc)
+    else:
+        stock = [m.processor for m in modules]
+        for m in modules:
+            m.processor = proc
+    try:
+        return run_model(model, inputs)
+    finally:
+        if modules is None:
+            model.set_attn_processor(dict(stock))
+        else:
+            for m, p in zip(modules, stock):
+                m.processor = p
+
+
+def generate_patched(pipe, processor, owner, name, make_patch, **call):
+    """Apply ``processor`` to ``pipe`` and generate "a fox" (numpy output, seed 0, ``call`` kwargs) with
+    ``owner.name`` replaced by ``make_patch(original)``; restores the attribute, removes the processor and returns
+    the applied instance."""
+    inst = vidattn.apply(pipe, processor)
+    original = getattr(owner, name)
+    setattr(owner, name, make_patch(original))
+    try:
+        pipe("a fox", output_type="np", generator=torch.Generator().manual_seed(0), **call)
+    finally:
+        setattr(owner, name, original)
+        vidattn.remove(pipe)
+    return inst

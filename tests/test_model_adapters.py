@@ -17,7 +17,7 @@ from vidattn.models.ltx import ltx_rope_layout
 from vidattn.models.mochi import mochi_rope_layout
 from vidattn.pipelines.tiny import tiny_transformer, tiny_transformer_inputs
 
-from helpers import PerturbedDense, RandomBlocks
+from helpers import PerturbedDense, RandomBlocks, max_diff, run_applied, run_model, run_with_shared_processor
 
 pytestmark = pytest.mark.filterwarnings("ignore:In CPU autocast")  # diffusers' Mochi RoPE, on CPU
 
@@ -38,15 +38,6 @@ class RecordingFull(FullProcessor):
         return super().attend(q, k, v, layout, dense_fn)
 
 
-def _forward(model, inputs):
-    with torch.no_grad():
-        return model(**inputs)[0]
-
-
-def _max_diff(a, b):
-    return (a - b).abs().max().item()
-
-
 def _self_attention(model):
     return [m for _, m in adapter_for_transformer(model).self_attention_modules(model)]
 
@@ -65,22 +56,15 @@ def case(request):
     family = request.param
     model = tiny_transformer(family)
     inputs = tiny_transformer_inputs(family, batch=2)
-    return family, model, inputs, _forward(model, inputs)
+    return family, model, inputs, run_model(model, inputs)
 
 
 def test_dense_mode_equals_stock_and_detects_perturbation(case):
     family, model, inputs, ref = case
-    inst = vidattn.apply(model, DenseProcessor())
-    try:
-        assert _max_diff(_forward(model, inputs), ref) <= 1e-6
-    finally:
-        vidattn.remove(model)
+    out, inst = run_applied(model, inputs, DenseProcessor())
+    assert max_diff(out, ref) <= 1e-6
     assert inst.stats.dense_calls == _attention_calls(family, model)
-    vidattn.apply(model, PerturbedDense())
-    try:
-        assert _max_diff(_forward(model, inputs), ref) > 1e-6
-    finally:
-        vidattn.remove(model)
+    assert max_diff(run_applied(model, inputs, PerturbedDense())[0], ref) > 1e-6
 
 
 def _expected_layouts(family, inputs):
@@ -99,31 +83,23 @@ def _expected_layouts(family, inputs):
 def test_all_ones_pattern_matches_stock_with_padded_text(case):
     family, model, inputs, ref = case
     proc = RecordingFull(block_size=32, backend="torch")
-    inst = vidattn.apply(model, proc)
-    try:
-        out = _forward(model, inputs)
-    finally:
-        vidattn.remove(model)
+    out, inst = run_applied(model, inputs, proc)
     assert inst.stats.sparse_calls == _attention_calls(family, model) and inst.stats.dense_calls == 0
     assert set(proc.layouts) == _expected_layouts(family, inputs)
     if family in ("hunyuan", "mochi"):
         assert len(set(inputs["encoder_attention_mask"].sum(1).tolist())) == 2  # really different valid lengths
-    assert _max_diff(out, ref) <= 1e-5
+    assert max_diff(out, ref) <= 1e-5
 
 
 def test_sparse_mode_equals_reference_with_same_pattern(case):
     family, model, inputs, ref = case
     outs = {}
     for backend in ("reference", "torch"):
-        inst = vidattn.apply(model, RandomBlocks(backend=backend))
-        try:
-            outs[backend] = _forward(model, inputs)
-        finally:
-            vidattn.remove(model)
+        outs[backend], inst = run_applied(model, inputs, RandomBlocks(backend=backend))
         assert inst.stats.sparse_calls == _attention_calls(family, model)
         assert 0 < inst.stats.summary()["sparse_density"] < 1
-    assert _max_diff(outs["torch"], outs["reference"]) <= 1e-5
-    assert _max_diff(outs["torch"], ref) > 1e-4
+    assert max_diff(outs["torch"], outs["reference"]) <= 1e-5
+    assert max_diff(outs["torch"], ref) > 1e-4
 
 
 def test_apply_remove_restores_exactly(case):
@@ -181,11 +157,7 @@ def test_step_context_grid_is_the_latent_grid(case, size):
         grid = (3, 8, 12) if family == "ltx" else (3, 4, 6)
     else:
         grid = GRID
-    inst = vidattn.apply(model, FullProcessor(block_size=32))
-    try:
-        _forward(model, inputs)
-    finally:
-        vidattn.remove(model)
+    _, inst = run_applied(model, inputs, FullProcessor(block_size=32))
     assert inst.context.grid == grid
     assert inst.stats.sparse_calls > 0 and inst.stats.dense_calls == 0  # the grid matched the sequence
 
@@ -193,24 +165,11 @@ def test_step_context_grid_is_the_latent_grid(case, size):
 def test_shared_instance_reads_layout_from_rope(case):
     family, model, inputs, ref = case
     proc = RecordingFull(block_size=32)
-    if family == "mochi":  # no set_attn_processor: assign one instance to every attn1 by hand
-        stock = [m.processor for m in _self_attention(model)]
-        for m in _self_attention(model):
-            m.processor = proc
-    else:
-        stock = dict(model.attn_processors)
-        model.set_attn_processor(proc)
-    try:
-        out = _forward(model, inputs)
-    finally:
-        if family == "mochi":
-            for m, p in zip(_self_attention(model), stock):
-                m.processor = p
-        else:
-            model.set_attn_processor(dict(stock))
+    # Mochi has no set_attn_processor: one instance goes to every attn1 by hand
+    out = run_with_shared_processor(model, inputs, proc, _self_attention(model) if family == "mochi" else None)
     # cross-attention (LTX attn2) and the Hunyuan token refiner took the stock path; every layout came from RoPE
     assert proc.stats.sparse_calls == _attention_calls(family, model) and proc.stats.dense_calls == 0
-    assert _max_diff(out, ref) <= 1e-5
+    assert max_diff(out, ref) <= 1e-5
     assert {replace(layout, text=None) for layout in proc.layouts} == {TokenLayout(*GRID)}
     assert set(proc.layouts) == _expected_layouts(family, inputs)
 
@@ -219,16 +178,11 @@ def test_shared_instance_without_rope_runs_dense_and_says_why():
     # CogVideoX-2b has no rotary embedding: no layout can be read back, so every call runs dense
     model = tiny_transformer("cogvideox")
     inputs = dict(tiny_transformer_inputs("cogvideox", batch=2), image_rotary_emb=None)
-    ref = _forward(model, inputs)
-    stock = dict(model.attn_processors)
+    ref = run_model(model, inputs)
     proc = FullProcessor(block_size=32)
-    model.set_attn_processor(proc)
-    try:
-        out = _forward(model, inputs)
-    finally:
-        model.set_attn_processor(dict(stock))
+    out = run_with_shared_processor(model, inputs, proc)
     assert proc.stats.summary()["dense_reasons"] == {"no token layout": len(_self_attention(model))}
-    assert _max_diff(out, ref) <= 1e-6
+    assert max_diff(out, ref) <= 1e-6
 
 
 ODD_GRIDS = [(1, 1, 1), (1, 3, 5), (4, 1, 7), (3, 6, 1), (2, 4, 4), (1, 1, 6), (5, 1, 1), (1, 4, 1), (3, 5, 7)]

@@ -8,24 +8,17 @@ from vidattn import RadialProcessor, TokenLayout, radial_pattern
 from vidattn.methods import METHODS, make_processor
 from vidattn.pipelines.tiny import TINY_PRESETS, tiny_transformer, tiny_transformer_inputs, tiny_wan_pipeline
 
+from helpers import generate_patched, run_applied
+
 SMALL = dict(block_size=16, decimation_threshold=16)
-
-
-def _run(model, inputs, processor):
-    inst = vidattn.apply(model, processor)
-    try:
-        with torch.no_grad():
-            return model(**inputs)[0], inst
-    finally:
-        vidattn.remove(model)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_wan_radial_equals_reference_with_same_pattern(batch):
     model = tiny_transformer("wan")
     inputs = tiny_transformer_inputs("wan", batch=batch, frames=9)
-    sparse, inst = _run(model, inputs, RadialProcessor(decay=0.5, backend="torch", **SMALL))
-    ref, _ = _run(model, inputs, RadialProcessor(decay=0.5, backend="reference", **SMALL))
+    sparse, inst = run_applied(model, inputs, RadialProcessor(decay=0.5, backend="torch", **SMALL))
+    ref, _ = run_applied(model, inputs, RadialProcessor(decay=0.5, backend="reference", **SMALL))
     with torch.no_grad():
         dense = model(**inputs)[0]
     assert (sparse - ref).abs().max().item() <= 1e-5
@@ -41,10 +34,10 @@ def test_radial_batched_equals_per_sample():
     """Batch > 1 (batched CFG): each sample's output equals running it alone."""
     model = tiny_transformer("wan")
     inputs = tiny_transformer_inputs("wan", batch=2, frames=9)
-    both, _ = _run(model, inputs, RadialProcessor(backend="torch", **SMALL))
+    both, _ = run_applied(model, inputs, RadialProcessor(backend="torch", **SMALL))
     for i in range(2):
         one = {k: (v[i:i + 1] if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        alone, _ = _run(model, one, RadialProcessor(backend="torch", **SMALL))
+        alone, _ = run_applied(model, one, RadialProcessor(backend="torch", **SMALL))
         assert (alone[0] - both[i]).abs().max().item() <= 1e-5
 
 
@@ -52,8 +45,8 @@ def test_ragged_sequence_keeps_every_query():
     """Any resolution: a sequence that is not a multiple of the block size still attends every query."""
     model = tiny_transformer("wan")
     inputs = tiny_transformer_inputs("wan", batch=1, frames=7, height=10, width=14)  # 7 x 5 x 7 = 245 tokens
-    sparse, inst = _run(model, inputs, RadialProcessor(backend="torch", **SMALL))
-    ref, _ = _run(model, inputs, RadialProcessor(backend="reference", **SMALL))
+    sparse, inst = run_applied(model, inputs, RadialProcessor(backend="torch", **SMALL))
+    ref, _ = run_applied(model, inputs, RadialProcessor(backend="reference", **SMALL))
     assert torch.isfinite(sparse).all()
     assert (sparse - ref).abs().max().item() <= 1e-5
     pattern = radial_pattern(TokenLayout(7, 5, 7), sink_frames=1, **SMALL)
@@ -64,22 +57,16 @@ def test_dense_steps_and_layers_really_dense():
     pipe = tiny_wan_pipeline("toy", seed=0)
     settings = dict(TINY_PRESETS["toy"], num_inference_steps=4)
     proc = RadialProcessor(dense_steps=2, dense_layers=1, dense_last_steps=1, **SMALL)
-    inst = vidattn.apply(pipe, proc)
     calls = {"sdpa": 0}
     import diffusers.models.attention_dispatch as dispatch
 
-    original = dispatch.dispatch_attention_fn
+    def make_counting(original):
+        def counting(*args, **kwargs):
+            calls["sdpa"] += 1
+            return original(*args, **kwargs)
+        return counting
 
-    def counting(*args, **kwargs):
-        calls["sdpa"] += 1
-        return original(*args, **kwargs)
-
-    dispatch.dispatch_attention_fn = counting
-    try:
-        pipe("a fox", output_type="np", generator=torch.Generator().manual_seed(0), **settings)
-    finally:
-        dispatch.dispatch_attention_fn = original
-        vidattn.remove(pipe)
+    inst = generate_patched(pipe, proc, dispatch, "dispatch_attention_fn", make_counting, **settings)
     layers = len(pipe.transformer.blocks)
     cfg_calls = 4 * 2  # steps x (cond, uncond)
     stats = inst.stats.summary()
@@ -136,8 +123,8 @@ def test_every_family_radial_equals_reference_and_is_sparse(family):
     """Sparse radial output equals the reference backend with the same pattern; batch 2 with padded text."""
     model = tiny_transformer(family)
     inputs = tiny_transformer_inputs(family, batch=2, frames=9 if family != "ltx" else 9)
-    sparse, inst = _run(model, inputs, RadialProcessor(decay=0.5, backend="torch", **SMALL))
-    ref, _ = _run(model, inputs, RadialProcessor(decay=0.5, backend="reference", **SMALL))
+    sparse, inst = run_applied(model, inputs, RadialProcessor(decay=0.5, backend="torch", **SMALL))
+    ref, _ = run_applied(model, inputs, RadialProcessor(decay=0.5, backend="reference", **SMALL))
     with torch.no_grad():
         dense = model(**inputs)[0]
     assert torch.isfinite(sparse).all()

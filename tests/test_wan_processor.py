@@ -8,9 +8,17 @@ from vidattn import DenseProcessor, FullProcessor, SparseAttentionProcessor, Tok
 from vidattn.models.wan import wan_rope_layout
 from vidattn.pipelines.tiny import TINY_PRESETS, tiny_transformer, tiny_transformer_inputs, tiny_wan22_pipeline
 from vidattn.pipelines.tiny import tiny_wan_pipeline
-from vidattn.pipelines.wan import WanPipeline
+from vidattn.pipelines import WanPipeline
 
-from helpers import PerturbedDense, RandomBlocks
+from helpers import (
+    PerturbedDense,
+    RandomBlocks,
+    generate_patched,
+    max_diff,
+    run_applied,
+    run_model,
+    run_with_shared_processor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,27 +31,11 @@ def wan_inputs():
     return tiny_transformer_inputs("wan", batch=2)
 
 
-def _forward(model, inputs):
-    with torch.no_grad():
-        return model(**inputs)[0]
-
-
-def _max_diff(a, b):
-    return (a - b).abs().max().item()
-
-
 def test_dense_mode_equals_stock_and_detects_perturbation(wan, wan_inputs):
-    ref = _forward(wan, wan_inputs)
-    vidattn.apply(wan, DenseProcessor())
-    try:
-        assert _max_diff(_forward(wan, wan_inputs), ref) <= 1e-6
-    finally:
-        vidattn.remove(wan)
-    vidattn.apply(wan, PerturbedDense())
-    try:
-        assert _max_diff(_forward(wan, wan_inputs), ref) > 1e-6
-    finally:
-        vidattn.remove(wan)
+    ref = run_model(wan, wan_inputs)
+    out, _ = run_applied(wan, wan_inputs, DenseProcessor())
+    assert max_diff(out, ref) <= 1e-6
+    assert max_diff(run_applied(wan, wan_inputs, PerturbedDense())[0], ref) > 1e-6
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch", "flex", "triton"])
@@ -52,28 +44,20 @@ def test_all_ones_pattern_matches_dense_on_every_backend(wan, wan_inputs, backen
         pytest.importorskip("torch.nn.attention.flex_attention")
     if backend == "triton":
         pytest.importorskip("triton")
-    ref = _forward(wan, wan_inputs)
-    inst = vidattn.apply(wan, FullProcessor(block_size=32, backend=backend))
-    try:
-        out = _forward(wan, wan_inputs)
-    finally:
-        vidattn.remove(wan)
+    ref = run_model(wan, wan_inputs)
+    out, inst = run_applied(wan, wan_inputs, FullProcessor(block_size=32, backend=backend))
     assert inst.stats.sparse_calls == len(wan.blocks) and inst.stats.dense_calls == 0
-    assert _max_diff(out, ref) <= 1e-5
+    assert max_diff(out, ref) <= 1e-5
 
 
 def test_sparse_mode_equals_reference_with_same_pattern(wan, wan_inputs):
     outs = {}
     for backend in ("reference", "torch"):
-        inst = vidattn.apply(wan, RandomBlocks(backend=backend))
-        try:
-            outs[backend] = _forward(wan, wan_inputs)
-        finally:
-            vidattn.remove(wan)
+        outs[backend], inst = run_applied(wan, wan_inputs, RandomBlocks(backend=backend))
         assert inst.stats.sparse_calls == len(wan.blocks)
         assert 0 < inst.stats.summary()["sparse_density"] < 1
-    assert _max_diff(outs["torch"], outs["reference"]) <= 1e-5
-    assert _max_diff(outs["torch"], _forward(wan, wan_inputs)) > 1e-4  # really sparse
+    assert max_diff(outs["torch"], outs["reference"]) <= 1e-5
+    assert max_diff(outs["torch"], run_model(wan, wan_inputs)) > 1e-4  # really sparse
 
 
 def test_apply_remove_restores_exactly(wan):
@@ -93,16 +77,11 @@ def test_apply_remove_restores_exactly(wan):
 
 
 def test_shared_instance_reads_layout_from_rope(wan, wan_inputs):
-    ref = _forward(wan, wan_inputs)
-    stock = dict(wan.attn_processors)
+    ref = run_model(wan, wan_inputs)
     proc = FullProcessor(block_size=32)
-    wan.set_attn_processor(proc)
-    try:
-        out = _forward(wan, wan_inputs)
-    finally:
-        wan.set_attn_processor(dict(stock))
+    out = run_with_shared_processor(wan, wan_inputs, proc)
     assert proc.stats.sparse_calls == len(wan.blocks)  # attn2 took the stock path
-    assert _max_diff(out, ref) <= 1e-5
+    assert max_diff(out, ref) <= 1e-5
     x = wan_inputs["hidden_states"]
     p_t, p_h, p_w = wan.config.patch_size
     grid = (x.shape[2] // p_t, x.shape[3] // p_h, x.shape[4] // p_w)
@@ -122,14 +101,14 @@ def test_lora_projections_work_through_the_processor():
     inputs = tiny_transformer_inputs("wan", batch=1)
     model.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    ref = _forward(model, inputs)
+    ref = run_model(model, inputs)
     model.disable_adapters()
-    no_lora = _forward(model, inputs)
+    no_lora = run_model(model, inputs)
     model.enable_adapters()
-    assert _max_diff(ref, no_lora) > 1e-4
+    assert max_diff(ref, no_lora) > 1e-4
     vidattn.apply(model, FullProcessor(block_size=32, backend="torch"))
     try:
-        assert _max_diff(_forward(model, inputs), ref) <= 1e-5
+        assert max_diff(run_model(model, inputs), ref) <= 1e-5
         out = model(**inputs)[0]
         out.square().mean().backward()
         grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n and "attn1" in n]
@@ -139,21 +118,16 @@ def test_lora_projections_work_through_the_processor():
 
 
 def _count_modes(pipe, processor, **call):
-    inst = vidattn.apply(pipe, processor)
     seen = []
-    orig = SparseAttentionProcessor.dense_reason
 
-    def spy(self, layout):
-        reason = orig(self, layout)
-        seen.append((self.context.step, self.context.branch, self.layer_index, reason))
-        return reason
+    def make_spy(orig):
+        def spy(self, layout):
+            reason = orig(self, layout)
+            seen.append((self.context.step, self.context.branch, self.layer_index, reason))
+            return reason
+        return spy
 
-    SparseAttentionProcessor.dense_reason = spy
-    try:
-        pipe("a fox", output_type="np", generator=torch.Generator().manual_seed(0), **call)
-    finally:
-        SparseAttentionProcessor.dense_reason = orig
-        vidattn.remove(pipe)
+    inst = generate_patched(pipe, processor, SparseAttentionProcessor, "dense_reason", make_spy, **call)
     return inst, seen
 
 

@@ -129,7 +129,7 @@ def _append(path: Path, lines: list[str], args: argparse.Namespace) -> None:
     command = "vidattn " + " ".join(shlex.quote(a) for a in args.argv)
     from vidattn.bench import cpu_name
 
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
+    device = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else cpu_name()
     machine = (f"{device} ({platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads")
     header = [

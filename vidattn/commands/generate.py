@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate one video with sparse attention",
                        description="Generate a video with a diffusers pipeline and a vidattn attention method. "

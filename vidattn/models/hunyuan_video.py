@@ -23,8 +23,6 @@ from .rope import banded_rope_layout
 __all__ = ["HunyuanVideoAdapter"]
 
 
-
-
 def _valid_text(attention_mask: Optional[torch.Tensor], batch: int, video_len: int,
                 text_len: int) -> tuple[bool, Optional[tuple[int, ...]]]:
     """``(usable, valid)``: the per-sample valid text counts when the mask is HunyuanVideo's prefix key mask."""
