@@ -63,28 +63,30 @@ def _has_flex() -> bool:
     return True
 
 
-def _triton_fits(pattern: BlockPattern, head_dim: int) -> bool:
+def _triton_fits(pattern: BlockPattern, head_dim: int, dtype: torch.dtype) -> bool:
     from .predicates import WindowPredicate
     from .triton_attention import MAX_HEAD_DIM, SUPPORTED_BLOCKS
 
     return (pattern.block_q in SUPPORTED_BLOCKS and pattern.block_kv in SUPPORTED_BLOCKS and head_dim <= MAX_HEAD_DIM
+            and dtype in (torch.float16, torch.bfloat16, torch.float32)
             and (pattern.partial is None or isinstance(pattern.predicate, WindowPredicate)))
 
 
 _LOGGED: set = set()
 
 
-def choose_backend(device: torch.device, pattern: BlockPattern, head_dim: int) -> str:
+def choose_backend(device: torch.device, pattern: BlockPattern, head_dim: int,
+                   dtype: torch.dtype = torch.bfloat16) -> str:
     """``auto``: Triton on CUDA when it takes the pattern (block sizes, predicate type, head dim), else
     FlexAttention; on CPU the torch backend (contiguous kv runs through the CPU flash kernel), which measured faster
     than compiled FlexAttention at every density and also has a backward."""
     if device.type == "cuda" and _triton_usable(device):
-        if _triton_fits(pattern, head_dim):
+        if _triton_fits(pattern, head_dim, dtype):
             return "triton"
-        key = (pattern.block_q, pattern.block_kv, type(pattern.predicate).__name__, head_dim)
+        key = (pattern.block_q, pattern.block_kv, type(pattern.predicate).__name__, head_dim, dtype)
         if key not in _LOGGED:
             _LOGGED.add(key)
-            logger.info("vidattn: the triton backend does not take blocks %sx%s / predicate %s / head_dim %s; "
+            logger.info("vidattn: the triton backend does not take blocks %sx%s / predicate %s / head_dim %s / %s; "
                         "using %s", *key, "flex" if _has_flex() else "torch")
     if device.type == "cuda" and _has_flex():
         return "flex"
@@ -131,7 +133,7 @@ def sparse_attention(
     if pattern.kv_lens is not None and pattern.kv_lens.numel() != b:
         raise ValueError(f"pattern.kv_lens has {pattern.kv_lens.numel()} entries for batch {b}")
     pattern = pattern.to(q.device)
-    name = choose_backend(q.device, pattern, d) if backend == "auto" else backend
+    name = choose_backend(q.device, pattern, d, q.dtype) if backend == "auto" else backend
     fn = _load(name)
     if name == "triton":
         out, lse = fn(q, k, v, pattern, scale=scale, return_lse=return_lse, epilogue=epilogue)

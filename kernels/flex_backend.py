@@ -88,7 +88,8 @@ def flex_sparse_attention(
     quadratic memory) and say so in the log.
     """
     block_mask = pattern.to_block_mask()
-    if q.device.type == "cpu" and (return_lse or (torch.is_grad_enabled() and q.requires_grad)):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if q.device.type == "cpu" and (return_lse or needs_grad):
         if compiled:
             logger.info("flex backend on CPU: LSE/backward requested, running FlexAttention eagerly")
         compiled = False

@@ -67,11 +67,18 @@ class BlockPattern:
                 raise ValueError(f"kv_lens must be 1-D (batch,), got shape {tuple(kv_lens.shape)}")
             if kv_lens.numel() and (int(kv_lens.min()) < 0 or int(kv_lens.max()) > kv_len):
                 raise ValueError(f"kv_lens must lie in [0, {kv_len}]")
+        counts = indptr[..., 1:] - indptr[..., :-1]
+        if indptr.numel() and (int(indptr[..., 0].min()) != 0 or int(indptr[..., 0].max()) != 0
+                               or int(counts.min()) < 0 or int(indptr[..., -1].max()) > indices.shape[-1]):
+            raise ValueError("indptr must start at 0, be non-decreasing and end within indices' last dimension")
+        nk = _ceil_div(kv_len, block_kv)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= nk):
+            raise ValueError(f"indices must be key-block ids in [0, {nk}) for kv_len={kv_len}, block_kv={block_kv}")
         self.q_len, self.kv_len = q_len, kv_len
         self.block_q, self.block_kv = block_q, block_kv
         self.indptr = indptr.to(torch.int32)
         self.indices = indices.to(torch.int32)
-        self.partial = partial
+        self.partial = None if partial is None else partial.to(torch.bool)
         self.predicate = predicate
         self.kv_lens = None if kv_lens is None else kv_lens.to(torch.int32)
         self._cache: dict = {}
@@ -221,9 +228,11 @@ class BlockPattern:
 
         Averaged over groups; partial blocks count whole (the kernels compute them and mask inside).
         """
-        area = self.block_areas().to(self.device)
-        kept = (self.block_bitmap().to(area.dtype) * area).sum((-2, -1)).mean()
-        return float(kept) / (self.q_len * self.kv_len)
+        if "density" not in self._cache:
+            area = self.block_areas().to(self.device)
+            kept = (self.block_bitmap().to(area.dtype) * area).sum((-2, -1)).mean()
+            self._cache["density"] = float(kept) / (self.q_len * self.kv_len)
+        return self._cache["density"]
 
     def keys_per_query(self) -> float:
         """Mean number of keys each query's listed blocks cover."""
@@ -296,6 +305,9 @@ class BlockPattern:
             raise ValueError("cannot combine two patterns with different token predicates")
         if self.kv_lens is not None and other.kv_lens is not None and not torch.equal(self.kv_lens, other.kv_lens):
             raise ValueError("cannot combine patterns with different kv_lens")
+        if op == "or" and (self.kv_lens is None) != (other.kv_lens is None):
+            raise ValueError("union of a pattern with kv_lens and one without would mask keys the other attends; "
+                             "set the same kv_lens on both (with_kv_lens)")
         a, b = self.block_bitmap(), other.block_bitmap()
         pa, pb = self.partial_bitmap(), other.partial_bitmap()
         a, b = torch.broadcast_tensors(a, b)

@@ -15,7 +15,7 @@ from vidattn.processors import SparseAttentionProcessor
 __all__ = ["GenerationRequest", "load_pipeline", "generate_video", "versions"]
 
 TINY_MODELS = {"tiny": "toy", "tiny-bench": "bench"}
-REAL_DEFAULTS = {"height": 480, "width": 832, "num_frames": 81, "num_inference_steps": 50, "guidance_scale": 5.0}
+_CALL_SETTINGS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -59,7 +59,19 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    return pipe.to(device), dict(REAL_DEFAULTS)
+    return pipe.to(device), call_defaults(pipe)
+
+
+def call_defaults(pipe) -> dict:
+    """The pipeline's own defaults for the generation settings, read from its ``__call__`` signature."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__call__).parameters
+    missing = [name for name in _CALL_SETTINGS if name not in params]
+    if missing:
+        raise ValueError(f"--model: {type(pipe).__name__} is not a text-to-video pipeline vidattn can drive "
+                         f"(its __call__ lacks {missing})")
+    return {name: params[name].default for name in _CALL_SETTINGS}
 
 
 def check_geometry(frames: int, height: int, width: int, temporal: int, spatial: int) -> None:
@@ -72,8 +84,9 @@ def check_geometry(frames: int, height: int, width: int, temporal: int, spatial:
 
 
 def _pipeline_factors(pipe) -> tuple[int, int]:
-    temporal = int(getattr(pipe, "vae_scale_factor_temporal", 4))
-    spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
+    """(frames step, pixel multiple) from the pipeline's VAE factors (names differ by family) and patch size."""
+    temporal = int(getattr(pipe, "vae_scale_factor_temporal", getattr(pipe, "vae_temporal_scale_factor", 4)))
+    spatial = int(getattr(pipe, "vae_scale_factor_spatial", getattr(pipe, "vae_spatial_scale_factor", 8)))
     patch = getattr(getattr(pipe, "transformer", None), "config", None)
     p = getattr(patch, "patch_size", (1, 2, 2)) if patch is not None else (1, 2, 2)
     p_s = p[-1] if isinstance(p, (tuple, list)) else int(p)
@@ -92,6 +105,8 @@ def generate_video(request: GenerationRequest, processor: SparseAttentionProcess
     pipe, defaults = load_pipeline(request.model, device, dtype)
     load_s = time.perf_counter() - t0
     def pick(value, key):
+        if value is None and defaults.get(key) is None:
+            raise ValueError(f"--model {request.model} has no default for {key}; pass it explicitly")
         return defaults[key] if value is None else value
 
     settings = {
@@ -121,7 +136,8 @@ def generate_video(request: GenerationRequest, processor: SparseAttentionProcess
         "video": str(video),
         "sidecar": str(out.with_suffix(".json")),
         "request": asdict(request),
-        "settings": {**settings, "device": device, "dtype": str(dtype).replace("torch.", "")},
+        "settings": {**settings, "device": device,
+                     "dtype": str(pipe.transformer.dtype).replace("torch.", "")},
         "method": {**(method or {}), **processor.knobs()},
         "attention": stats,
         "timings": {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3),

@@ -113,3 +113,24 @@ def test_token_layout():
         TokenLayout(0, 4, 5)
     with pytest.raises(ValueError, match="valid"):
         TextSegment(4, "last", valid=(5,))
+
+
+def test_construction_checks_and_partial_dtype():
+    bitmap = torch.tensor([[1, 0], [1, 1]], dtype=torch.bool)
+    p = BlockPattern.from_block_mask(bitmap, q_len=8, kv_len=8, block_q=4)
+    with pytest.raises(ValueError, match="indices"):
+        BlockPattern(q_len=8, kv_len=8, block_q=4, block_kv=4, indptr=p.indptr, indices=p.indices + 5)
+    with pytest.raises(ValueError, match="indptr"):
+        BlockPattern(q_len=8, kv_len=8, block_q=4, block_kv=4, indptr=p.indptr.flip(-1), indices=p.indices)
+    pred = WindowPredicate.inward(1, 2, 4, 0, 0)
+    q = BlockPattern(q_len=8, kv_len=8, block_q=4, block_kv=4, indptr=p.indptr, indices=p.indices,
+                     partial=torch.ones_like(p.indices), predicate=pred)
+    assert q.partial.dtype == torch.bool
+
+
+def test_union_refuses_one_sided_kv_lens():
+    a = BlockPattern.full(8, block_q=4)
+    with pytest.raises(ValueError, match="kv_lens"):
+        a | a.with_kv_lens(torch.tensor([6]))
+    both = a.with_kv_lens(torch.tensor([6])) & a  # intersection applies both masks: fine
+    assert both.kv_lens.tolist() == [6]

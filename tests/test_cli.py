@@ -89,3 +89,15 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
 
 def test_parser_builds_without_heavy_imports():
     assert build_parser().prog == "vidattn"
+
+
+def test_pipeline_factors_and_defaults_follow_the_pipeline():
+    from types import SimpleNamespace
+
+    from vidattn.pipelines.generate import _pipeline_factors, call_defaults
+    from vidattn.pipelines.tiny import tiny_hunyuan_pipeline
+
+    mochi_like = SimpleNamespace(vae_temporal_scale_factor=6, vae_spatial_scale_factor=8,
+                                 transformer=SimpleNamespace(config=SimpleNamespace(patch_size=2)))
+    assert _pipeline_factors(mochi_like) == (6, 16)
+    assert call_defaults(tiny_hunyuan_pipeline())["num_frames"] == 129

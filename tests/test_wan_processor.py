@@ -203,3 +203,26 @@ def test_bad_knobs_are_named():
         FullProcessor(block_size=0)
     with pytest.raises(TypeError, match="processor"):
         vidattn.apply(tiny_transformer("wan"), WanAttnProcessor())
+
+
+def test_reapply_gives_fresh_stats_and_remove_clears_context(wan, wan_inputs):
+    proc = FullProcessor(block_size=32)
+    first = vidattn.apply(wan, proc)
+    run_model(wan, wan_inputs)
+    vidattn.remove(wan)
+    assert proc.context is None
+    second = vidattn.apply(wan, proc)
+    run_model(wan, wan_inputs)
+    vidattn.remove(wan)
+    assert first.stats.calls == second.stats.calls == len(wan.blocks)
+
+
+def test_apply_on_a_compiled_transformer_installs_on_the_original():
+    model = tiny_transformer("wan")
+    compiled = torch.compile(model)
+    inst = vidattn.apply(compiled, FullProcessor())
+    try:
+        assert inst.transformers == [model] and isinstance(model.blocks[0].attn1.processor, FullProcessor)
+    finally:
+        vidattn.remove(compiled)
+    assert isinstance(model.blocks[0].attn1.processor, WanAttnProcessor)

@@ -22,20 +22,22 @@ class Installation:
 
     processor: SparseAttentionProcessor
     context: StepContext
+    stats: Any = None
     transformers: list = field(default_factory=list)
     originals: list = field(default_factory=list)  # (adapter, module, original processor)
     hooks: list = field(default_factory=list)
 
-    @property
-    def stats(self):
-        return self.processor.stats
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model under ``torch.compile`` (``OptimizedModule._orig_mod``), whose modules carry the processors."""
+    return getattr(model, "_orig_mod", model)
 
 
 def _transformers(target: Any) -> list[nn.Module]:
     if isinstance(target, nn.Module):
-        return [target]
+        return [_unwrap(target)]
     found = [getattr(target, name, None) for name in ("transformer", "transformer_2")]
-    found = [t for t in found if t is not None]
+    found = [_unwrap(t) for t in found if t is not None]
     if not found:
         raise TypeError(f"vidattn.apply needs a diffusers pipeline with a transformer, or a transformer model; "
                         f"got {type(target).__name__}")
@@ -52,7 +54,8 @@ def _step_hook(adapter: ModelAdapter, context: StepContext):
 def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
     """Install ``processor`` on every self-attention layer of the pipeline's transformer(s).
 
-    Each layer gets its own copy (with its layer index; stats and the pattern cache are shared). A forward
+    Each layer gets its own copy (with its layer index; stats and the pattern cache are shared, and start fresh at
+    every ``apply``). ``torch.compile``d transformers are handled through their original module. A forward
     pre-hook on each transformer fills one :class:`StepContext` (shared by Wan 2.2's two experts). Applying again
     replaces the previous installation. Returns the :class:`Installation` (``.stats`` has the counters).
     """
@@ -62,8 +65,9 @@ def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
     for t in transformers:
         if t in _INSTALLED:
             remove(t)
-    context = StepContext(scheduler=None if isinstance(target, nn.Module) else getattr(target, "scheduler", None))
-    inst = Installation(processor=processor, context=context, transformers=transformers)
+    context = StepContext(pipeline=None if isinstance(target, nn.Module) else target)
+    processor.reset_state()  # fresh stats and caches for this installation, shared by its per-layer copies
+    inst = Installation(processor=processor, context=context, stats=processor.stats, transformers=transformers)
     try:
         for t in transformers:
             adapter = adapter_for_transformer(t)
@@ -87,6 +91,7 @@ def _undo(inst: Installation) -> None:
         handle.remove()
     inst.originals.clear()
     inst.hooks.clear()
+    inst.processor.context = None
 
 
 def remove(target: Any) -> None:

@@ -1,14 +1,13 @@
 """StepContext: the per-forward facts a processor needs and diffusers does not pass to it."""
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
 __all__ = ["StepContext"]
-
-GridFn = Callable[[tuple, dict], Optional[tuple[int, int, int]]]
 
 
 @dataclass
@@ -16,12 +15,14 @@ class StepContext:
     """Denoising step, CFG branch, timestep and latent token grid of the transformer call in progress.
 
     One object per installed pipeline, shared by all its transformers (Wan 2.2's two experts) and filled by a
-    forward pre-hook. The 0-based ``step`` is the index of the timestep in ``scheduler.timesteps`` when a scheduler
-    is known; otherwise it counts distinct timesteps: calls with the same timestep are CFG branches of one step
-    (``branch`` 0, 1, ...), a lower timestep is the next step, and a higher one starts a new generation.
+    forward pre-hook. With a pipeline, the 0-based ``step`` is the index of the nearest timestep in the pipeline's
+    *current* ``scheduler.timesteps`` (read at every call, so a swapped scheduler counts; the tolerance covers
+    timesteps cast to bf16). Without one, steps are counted: calls with the same timestep are CFG branches of one
+    step (``branch`` 0, 1, ...), a move in the schedule's direction (decreasing for most models, increasing for
+    Mochi; learnt from the first two values) is the next step, and a move against it starts a new generation.
     """
 
-    scheduler: Any = None
+    pipeline: Any = None
     step: int = -1
     branch: int = 0
     timestep: Optional[float] = None
@@ -29,6 +30,17 @@ class StepContext:
     calls: int = 0
     generations: int = 0
     _last: Optional[float] = field(default=None, repr=False)
+    _last_index: Optional[int] = field(default=None, repr=False)
+    _direction: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.pipeline is not None and not isinstance(self.pipeline, weakref.ref):
+            self.pipeline = weakref.ref(self.pipeline)
+
+    @property
+    def scheduler(self) -> Any:
+        pipe = self.pipeline() if self.pipeline is not None else None
+        return getattr(pipe, "scheduler", None)
 
     @property
     def num_steps(self) -> Optional[int]:
@@ -40,9 +52,6 @@ class StepContext:
         except TypeError:
             return None
 
-    def reset(self) -> None:
-        self.step, self.branch, self.timestep, self.grid, self._last = -1, 0, None, None, None
-
     def observe(self, timestep: Optional[torch.Tensor | float], grid: Optional[tuple[int, int, int]]) -> None:
         """Record one transformer call."""
         self.calls += 1
@@ -50,22 +59,44 @@ class StepContext:
         if timestep is None:
             return
         t = float(timestep.float().max()) if isinstance(timestep, torch.Tensor) else float(timestep)
-        if self._last is None or t > self._last:
-            self.generations += 1
-            self.step, self.branch = 0, 0
-        elif t == self._last:
-            self.branch += 1
+        index = self._scheduled_index(t)
+        if index is not None:
+            if self._last_index is None or index < self._last_index:
+                self._new_generation()
+            elif index == self._last_index:
+                self.branch += 1
+            else:
+                self.branch = 0
+            self.step = index
+            self._last_index = index
         else:
-            self.step, self.branch = self.step + 1, 0
+            self._count(t)
         self._last = t
         self.timestep = t
-        scheduled = self._scheduled_index(t)
-        if scheduled is not None:
-            self.step = scheduled
+
+    def _new_generation(self) -> None:
+        self.generations += 1
+        self.step, self.branch, self._direction = 0, 0, 0
+
+    def _count(self, t: float) -> None:
+        if self._last is None:
+            self._new_generation()
+            return
+        if t == self._last:
+            self.branch += 1
+            return
+        direction = 1 if t > self._last else -1
+        if self._direction in (0, direction):
+            self._direction = direction
+            self.step, self.branch = self.step + 1, 0
+        else:
+            self._new_generation()
 
     def _scheduled_index(self, t: float) -> Optional[int]:
         timesteps = getattr(self.scheduler, "timesteps", None)
         if not isinstance(timesteps, torch.Tensor) or timesteps.numel() == 0:
             return None
-        hits = torch.nonzero(torch.isclose(timesteps.float().cpu(), torch.tensor(t), rtol=0, atol=1e-4)).flatten()
-        return int(hits[0]) if hits.numel() else None
+        distance = (timesteps.detach().float().cpu() - t).abs()
+        index = int(distance.argmin())
+        # bf16 keeps ~3 significant digits: accept the nearest scheduled value within 1 % (+ a small floor).
+        return index if float(distance[index]) <= 1e-2 * abs(t) + 1e-3 else None

@@ -73,12 +73,22 @@ class ProcessorStats:
         self.__init__()
 
 
+def _bounded_get(cache: dict, key: Any, size: int, build) -> Any:
+    """``cache[key]``, built on a miss; the oldest entry is dropped beyond ``size``."""
+    if key not in cache:
+        if len(cache) >= size:
+            cache.pop(next(iter(cache)))
+        cache[key] = build()
+    return cache[key]
+
+
 class _Shared:
     """State shared by the per-layer copies of one processor: stats, pattern cache, messages logged once."""
 
     def __init__(self) -> None:
         self.stats = ProcessorStats()
         self.patterns: dict = {}
+        self.masked: dict = {}
         self.logged: set = set()
         self.rope: tuple = (None, None)
 
@@ -126,6 +136,10 @@ class SparseAttentionProcessor:
     def stats(self) -> ProcessorStats:
         return self._shared.stats
 
+    def reset_state(self) -> None:
+        """Fresh statistics, pattern cache and log-once memory (copies made afterwards share the new state)."""
+        self._shared = _Shared()
+
     def for_layer(self, layer_index: int, context: Optional[StepContext], adapter=None) -> "SparseAttentionProcessor":
         """A copy for one layer: same knobs, shared stats and pattern cache, its own layer index and model adapter."""
         clone = copy.copy(self)
@@ -145,19 +159,18 @@ class SparseAttentionProcessor:
         raise NotImplementedError
 
     def _pattern_for(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
+        """Static patterns: built once per (layout without text validity, device), then once per set of per-sample
+        key lengths; both caches are bounded."""
         if not self.static_pattern:
             return self.pattern(layout, q, k)
-        key = layout.without_valid()
-        cache = self._shared.patterns
-        if key not in cache:
-            if len(cache) >= self._pattern_cache_size:
-                cache.pop(next(iter(cache)))
-            cache[key] = self.pattern(key, q, k)
-        pattern = cache[key].to(q.device)
+        static = layout.without_valid()
+        base = _bounded_get(self._shared.patterns, (static, q.device), self._pattern_cache_size,
+                            lambda: self.pattern(static, q, k).to(q.device))
         lengths = layout.key_lengths()
-        if lengths is not None:
-            pattern = pattern.with_kv_lens(torch.tensor(lengths, device=q.device))
-        return pattern
+        if lengths is None:
+            return base
+        return _bounded_get(self._shared.masked, (layout, q.device), self._pattern_cache_size,
+                            lambda: base.with_kv_lens(torch.tensor(lengths, device=q.device)))
 
     def cached_rope_layout(self, rotary_emb: Any, seq_len: int, read_back) -> Optional[TokenLayout]:
         """``read_back(rotary_emb, seq_len)``, computed once per rotary table (all layers of a forward share it)."""
