@@ -95,6 +95,9 @@ def _atomic_write(path: str | os.PathLike, overwrite: bool, write: Callable[[Pat
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp creates 0600; give the file the permissions a plain open() would
         if overwrite:
             os.replace(tmp, path)
         else:

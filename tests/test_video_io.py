@@ -108,3 +108,16 @@ def test_sidecar_round_trip_and_no_clobber(tmp_path):
     with pytest.raises(TypeError):
         write_sidecar(tmp_path / "bad.json", {"x": object()})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.json"]
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+
+    from vidattn.pipelines.video_io import write_sidecar
+
+    umask = os.umask(0o022)
+    try:
+        path = write_sidecar(tmp_path / "meta.json", {"a": 1})
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
