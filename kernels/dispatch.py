@@ -120,18 +120,8 @@ def sparse_attention(
         raise ValueError(f"q, k, v must be 4-D ({layout.upper()}), got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
     if layout == "bshd":
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    b, h, sq, d = q.shape
-    sk = k.shape[2]
-    if k.shape[:2] != (b, h) or v.shape[:3] != k.shape[:3] or k.shape[-1] != d:
-        raise ValueError(f"q, k, v shapes do not agree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if (pattern.q_len, pattern.kv_len) != (sq, sk):
-        raise ValueError(f"pattern covers q_len={pattern.q_len}, kv_len={pattern.kv_len} but the inputs have "
-                         f"{sq} queries and {sk} keys")
-    bp, hp = pattern.groups
-    if bp not in (1, b) or hp not in (1, h):
-        raise ValueError(f"pattern groups {pattern.groups} do not fit batch {b} and heads {h}")
-    if pattern.kv_lens is not None and pattern.kv_lens.numel() != b:
-        raise ValueError(f"pattern.kv_lens has {pattern.kv_lens.numel()} entries for batch {b}")
+    pattern.check_inputs(q, k, v)
+    d = q.shape[-1]
     pattern = pattern.to(q.device)
     name = choose_backend(q.device, pattern, d, q.dtype) if backend == "auto" else backend
     fn = _load(name)

@@ -190,6 +190,22 @@ class BlockPattern:
                 f"partial={'no' if self.partial is None else int(self.partial.sum())}, "
                 f"kv_lens={'no' if self.kv_lens is None else self.kv_lens.tolist()})")
 
+    def check_inputs(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Raise ValueError unless ``(B, H, S, D)`` q, k, v agree with each other and with this pattern."""
+        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+            raise ValueError(f"q, k, v must be 4-D (B, H, S, D), got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+        b, h, sq, d = q.shape
+        if k.shape[:2] != (b, h) or v.shape[:3] != k.shape[:3] or k.shape[-1] != d:
+            raise ValueError(f"q, k, v shapes do not agree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        if (self.q_len, self.kv_len) != (sq, k.shape[2]):
+            raise ValueError(f"pattern covers q_len={self.q_len}, kv_len={self.kv_len} but the inputs have "
+                             f"{sq} queries and {k.shape[2]} keys")
+        bp, hp = self.groups
+        if bp not in (1, b) or hp not in (1, h):
+            raise ValueError(f"pattern groups {self.groups} do not fit batch {b} and heads {h}")
+        if self.kv_lens is not None and self.kv_lens.numel() != b:
+            raise ValueError(f"pattern.kv_lens has {self.kv_lens.numel()} entries for batch {b}")
+
     # ------------------------------------------------------------------ views of the pattern
     def block_bitmap(self) -> torch.Tensor:
         """Boolean ``(Bp, Hp, nq, nk)``: True where a block is listed."""

@@ -103,28 +103,19 @@ def _check_tile(tile: tuple[int, int], block_q: int, block_kv: int) -> None:
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("q, k, v must be 4-D (B, H, S, D)")
-    b, h, sq, d = q.shape
-    if k.shape[:2] != (b, h) or v.shape[:3] != k.shape[:3] or k.shape[-1] != d or v.shape[-1] != d:
-        raise ValueError(f"q, k, v shapes do not agree: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    pattern.check_inputs(q, k, v)
+    d = q.shape[-1]
+    if v.shape[-1] != d:
+        raise ValueError(f"the triton backend needs v's head dim to equal q's ({d}), got {v.shape[-1]}")
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype of {_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
     if d < 1 or d > MAX_HEAD_DIM:
         raise ValueError(f"head_dim={d} is not supported: accepted head dims are 1..{MAX_HEAD_DIM} "
                          "(powers of two 16..256 run unpadded, others are padded to the next power of two)")
-    if (pattern.q_len, pattern.kv_len) != (sq, k.shape[2]):
-        raise ValueError(f"pattern covers q_len={pattern.q_len}, kv_len={pattern.kv_len} but the inputs have "
-                         f"{sq} queries and {k.shape[2]} keys")
     for name, blk in (("block_q", pattern.block_q), ("block_kv", pattern.block_kv)):
         if blk not in SUPPORTED_BLOCKS:
             raise ValueError(f"pattern {name}={blk} is not supported by the triton backend; "
                              f"use one of {SUPPORTED_BLOCKS}")
-    bp, hp = pattern.groups
-    if bp not in (1, b) or hp not in (1, h):
-        raise ValueError(f"pattern groups {pattern.groups} do not fit batch {b} and heads {h}")
-    if pattern.kv_lens is not None and pattern.kv_lens.numel() != b:
-        raise ValueError(f"pattern.kv_lens has {pattern.kv_lens.numel()} entries for batch {b}")
     if pattern.partial is not None and not isinstance(pattern.predicate, WindowPredicate):
         raise NotImplementedError(f"the triton backend evaluates only WindowPredicate in-kernel, not "
                                   f"{type(pattern.predicate).__name__}; use the torch or flex backend")

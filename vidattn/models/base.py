@@ -32,8 +32,14 @@ class ModelAdapter:
     def matches_module(self, module: nn.Module) -> bool:
         return type(module).__name__ in self.attention_classes
 
+    #: ``(block container, attention attribute)`` for the common one-list layout; adapters with another
+    #: layout override :meth:`self_attention_modules`.
+    self_attention_path: tuple[str, str] = ("transformer_blocks", "attn1")
+
     def self_attention_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-        raise NotImplementedError
+        container, attr = self.self_attention_path
+        return [(f"{container}.{i}.{attr}", getattr(block, attr))
+                for i, block in enumerate(getattr(transformer, container))]
 
     def get_processor(self, module: nn.Module) -> Any:
         return module.get_processor() if hasattr(module, "get_processor") else module.processor

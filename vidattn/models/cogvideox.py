@@ -31,8 +31,6 @@ class CogVideoXAdapter(ModelAdapter):
         """Legacy ``Attention`` with a LayerNorm q/k norm (CogVideoX blocks always build it with ``qk_norm``)."""
         return super().matches_module(module) and isinstance(getattr(module, "norm_q", None), nn.LayerNorm)
 
-    def self_attention_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
 
     def grid(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[int, int, int]]:
         x = kwargs.get("hidden_states", args[0] if args else None)

@@ -52,9 +52,6 @@ class LTXAdapter(ModelAdapter):
     transformer_classes = ("LTXVideoTransformer3DModel",)
     attention_classes = ("LTXAttention",)
 
-    def self_attention_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
-
     def grid(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[int, int, int]]:
         """``num_frames, height, width`` forward arguments (latent sizes) divided by the config's patch sizes."""
         sizes = [kwargs.get(name, args[pos] if len(args) > pos else None) for name, pos in _GRID_ARGS.items()]

@@ -85,9 +85,6 @@ class MochiAdapter(ModelAdapter):
     transformer_classes = ("MochiTransformer3DModel",)
     attention_classes = ("MochiAttention",)
 
-    def self_attention_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(transformer.transformer_blocks)]
-
     def get_processor(self, module: nn.Module) -> Any:
         return module.processor
 

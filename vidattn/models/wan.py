@@ -65,9 +65,7 @@ class WanAdapter(ModelAdapter):
     name = "wan"
     transformer_classes = ("WanTransformer3DModel",)
     attention_classes = ("WanAttention",)
-
-    def self_attention_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(f"blocks.{i}.attn1", block.attn1) for i, block in enumerate(transformer.blocks)]
+    self_attention_path = ("blocks", "attn1")
 
     def grid(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[int, int, int]]:
         x = kwargs.get("hidden_states", args[0] if args else None)
