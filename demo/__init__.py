@@ -1,0 +1,1 @@
+"""Gradio demo: not implemented yet."""

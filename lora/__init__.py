@@ -1,0 +1,1 @@
+"""LoRA adaptation for longer videos under sparse attention (peft + accelerate): not implemented yet."""
