@@ -224,3 +224,17 @@ def test_rope_read_back_refuses_unreadable_tables():
     assert mochi_rope_layout(model.rope(zeros, 5, 6, 8, dtype=torch.float32), 240) is None
     # wrong length
     assert banded_rope_layout(model.rope(model.pos_frequencies, 5, 6, 8, dtype=torch.float32), 240) is None
+
+
+def test_hunyuan_call_without_text_takes_the_stock_processor():
+    """A dual-stream attention called without text (not how the model calls it) runs the stock computation."""
+    from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
+
+    attn = tiny_transformer("hunyuan").transformer_blocks[0].attn
+    x = torch.randn(2, 12, attn.inner_dim if hasattr(attn, "inner_dim") else attn.to_q.in_features)
+    with torch.no_grad():
+        ref = HunyuanVideoAttnProcessor2_0()(attn, x)
+        out = FullProcessor(block_size=32)(attn, x)
+    ref = ref[0] if isinstance(ref, tuple) else ref
+    out = out[0] if isinstance(out, tuple) else out
+    assert torch.equal(out, ref)

@@ -65,6 +65,14 @@ class ModelAdapter:
         raise NotImplementedError
 
     @staticmethod
+    def stock_processor(stock_cls: type, processor) -> Any:
+        """A diffusers processor for calls vidattn leaves stock, with the vidattn processor's backend and CP config."""
+        stock = stock_cls()
+        stock._attention_backend = processor._attention_backend
+        stock._parallel_config = processor._parallel_config
+        return stock
+
+    @staticmethod
     def dispatcher_dense(processor, attention_mask: Optional[torch.Tensor]):
         """The stock dense op: diffusers' ``dispatch_attention_fn`` with the processor's backend and CP config."""
         from diffusers.models.attention_dispatch import dispatch_attention_fn

@@ -71,10 +71,7 @@ class HunyuanVideoAdapter(ModelAdapter):
             return AttnProcessor2_0() if getattr(attn, "scale_qk", True) else AttnProcessor()
         from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
-        stock = HunyuanVideoAttnProcessor2_0()
-        stock._attention_backend = processor._attention_backend
-        stock._parallel_config = processor._parallel_config
-        return stock
+        return ModelAdapter.stock_processor(HunyuanVideoAttnProcessor2_0, processor)
 
     def process(self, processor, attn: nn.Module, hidden_states: torch.Tensor,
                 encoder_hidden_states: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],

@@ -63,10 +63,7 @@ class LTXAdapter(ModelAdapter):
     def _stock(self, processor):
         from diffusers.models.transformers.transformer_ltx import LTXVideoAttnProcessor
 
-        stock = LTXVideoAttnProcessor()
-        stock._attention_backend = processor._attention_backend
-        stock._parallel_config = processor._parallel_config
-        return stock
+        return self.stock_processor(LTXVideoAttnProcessor, processor)
 
     def process(self, processor, attn: nn.Module, hidden_states: torch.Tensor,
                 encoder_hidden_states: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],

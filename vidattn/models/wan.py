@@ -77,9 +77,7 @@ class WanAdapter(ModelAdapter):
     def _stock(self, processor):
         from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-        stock = WanAttnProcessor()
-        stock._attention_backend = processor._attention_backend
-        return stock
+        return self.stock_processor(WanAttnProcessor, processor)
 
     def process(self, processor, attn: nn.Module, hidden_states: torch.Tensor,
                 encoder_hidden_states: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
