@@ -85,15 +85,20 @@ class ModelAdapter:
         return dense
 
     @staticmethod
-    def added_projections(attn: nn.Module, encoder_hidden_states: torch.Tensor):
-        """Text q, k, v of a dual-stream block (``add_*_proj`` + ``norm_added_*``), BSHD."""
-        query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            query = attn.norm_added_q(query)
-        if attn.norm_added_k is not None:
-            key = attn.norm_added_k(key)
+    def head_projections(attn: nn.Module, x: torch.Tensor, added: bool = False):
+        """q, k, v of ``x`` split into heads (BSHD), with the q/k norms: the main stream's ``to_*`` + ``norm_*``,
+        or with ``added`` a dual-stream block's text stream ``add_*_proj`` + ``norm_added_*``."""
+        if added:
+            projections = (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+            norms = (attn.norm_added_q, attn.norm_added_k)
+        else:
+            projections = (attn.to_q, attn.to_k, attn.to_v)
+            norms = (attn.norm_q, attn.norm_k)
+        query, key, value = (proj(x).unflatten(2, (attn.heads, -1)) for proj in projections)
+        if norms[0] is not None:
+            query = norms[0](query)
+        if norms[1] is not None:
+            key = norms[1](key)
         return query, key, value
 
     def context_layout(self, processor) -> Optional[TokenLayout]:

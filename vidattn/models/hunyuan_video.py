@@ -89,13 +89,7 @@ class HunyuanVideoAdapter(ModelAdapter):
         single = attn.add_q_proj is None
         x = torch.cat([hidden_states, encoder_hidden_states], dim=1) if single else hidden_states
 
-        query = attn.to_q(x).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(x).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(x).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = self.head_projections(attn, x)
 
         if rotary_emb is not None:
             if single:
@@ -108,7 +102,7 @@ class HunyuanVideoAdapter(ModelAdapter):
                 key = apply_rotary_emb(key, rotary_emb, sequence_dim=1)
 
         if not single:
-            enc_query, enc_key, enc_value = self.added_projections(attn, encoder_hidden_states)
+            enc_query, enc_key, enc_value = self.head_projections(attn, encoder_hidden_states, added=True)
             query = torch.cat([query, enc_query], dim=1)
             key = torch.cat([key, enc_key], dim=1)
             value = torch.cat([value, enc_value], dim=1)

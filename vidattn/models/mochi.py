@@ -85,12 +85,6 @@ class MochiAdapter(ModelAdapter):
     transformer_classes = ("MochiTransformer3DModel",)
     attention_classes = ("MochiAttention",)
 
-    def get_processor(self, module: nn.Module) -> Any:
-        return module.processor
-
-    def set_processor(self, module: nn.Module, processor: Any) -> None:
-        module.processor = processor
-
     def grid(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[int, int, int]]:
         x = kwargs.get("hidden_states", args[0] if args else None)
         if x is None or x.dim() != 5:
@@ -101,15 +95,9 @@ class MochiAdapter(ModelAdapter):
     def process(self, processor, attn: nn.Module, hidden_states: torch.Tensor,
                 encoder_hidden_states: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
                 rotary_emb: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = self.head_projections(attn, hidden_states)
 
-        enc_query, enc_key, enc_value = self.added_projections(attn, encoder_hidden_states)
+        enc_query, enc_key, enc_value = self.head_projections(attn, encoder_hidden_states, added=True)
 
         if rotary_emb is not None:
             query = _apply_mochi_rotary(query, *rotary_emb)
