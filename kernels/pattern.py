@@ -82,6 +82,8 @@ class BlockPattern:
         self.predicate = predicate
         self.kv_lens = None if kv_lens is None else kv_lens.to(torch.int32)
         self._cache: dict = {}
+        # What depends on the block structure alone (density, backend call plans): shared with with_kv_lens copies.
+        self._structure: dict = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -244,11 +246,11 @@ class BlockPattern:
 
         Averaged over groups; partial blocks count whole (the kernels compute them and mask inside).
         """
-        if "density" not in self._cache:
+        if "density" not in self._structure:
             area = self.block_areas().to(self.device)
             kept = (self.block_bitmap().to(area.dtype) * area).sum((-2, -1)).mean()
-            self._cache["density"] = float(kept) / (self.q_len * self.kv_len)
-        return self._cache["density"]
+            self._structure["density"] = float(kept) / (self.q_len * self.kv_len)
+        return self._structure["density"]
 
     def keys_per_query(self) -> float:
         """Mean number of keys each query's listed blocks cover."""
@@ -306,10 +308,13 @@ class BlockPattern:
         return self._cache[key]
 
     def with_kv_lens(self, kv_lens: Optional[torch.Tensor]) -> "BlockPattern":
-        """The same pattern with per-sample valid key counts (keys ``>= kv_lens[b]`` masked for sample b)."""
-        return BlockPattern(q_len=self.q_len, kv_len=self.kv_len, block_q=self.block_q, block_kv=self.block_kv,
+        """The same pattern with per-sample valid key counts (keys ``>= kv_lens[b]`` masked for sample b); what was
+        derived from the block structure alone (density, backend call plans) is shared, not recomputed."""
+        copy = BlockPattern(q_len=self.q_len, kv_len=self.kv_len, block_q=self.block_q, block_kv=self.block_kv,
                             indptr=self.indptr, indices=self.indices, partial=self.partial,
                             predicate=self.predicate, kv_lens=kv_lens)
+        copy._structure = self._structure
+        return copy
 
     def _combine(self, other: "BlockPattern", op: str) -> "BlockPattern":
         if (self.q_len, self.kv_len, self.block_q, self.block_kv) != (other.q_len, other.kv_len, other.block_q,

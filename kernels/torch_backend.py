@@ -1,26 +1,30 @@
 """Pure-torch block-sparse attention (the CPU path, and the autograd path wherever Triton is unavailable).
 
-Inference (no grad): each query block's listed key blocks are merged into maximal *runs* of consecutive blocks.
-A run is a contiguous slice of k and v — a view, no copy — handed to the fused CPU flash kernel
-(``torch._scaled_dot_product_flash_attention_for_cpu``; plain math elsewhere), which also returns the log-sum-exp,
-so the partial results of a query block's runs merge exactly:
+Inference (no grad) computes dense rectangles of the pattern (query rows x a contiguous key run, views of q, k, v,
+no copy) with the fused CPU flash kernel (``torch._scaled_dot_product_flash_attention_for_cpu``; plain math
+elsewhere), which also returns the log-sum-exp, so a query row's partial results merge exactly:
 
     lse = log sum_r exp(lse_r),    out = sum_r exp(lse_r - lse) * out_r
 
-Consecutive query blocks with the same runs are computed in one call, so the all-ones pattern is one dense call.
-Partial blocks (token predicate), ragged tails and per-sample key lengths become an additive ``-inf`` mask on the
-runs that need one.
+On CPU with the C++ extension (``cpu_ext``) the rectangles come from ``cpu_plan`` (tall ones where the pattern
+allows: the kernel runs them faster) and the call-and-merge loop runs in C++ on all intra-op threads. Without it,
+the same loop runs in Python over one call per query block and key run, on worker threads (the kernel releases the
+GIL). Partial blocks (token predicate) and per-sample key lengths become an additive ``-inf`` mask on the calls
+that need one; those run in Python in both cases.
 
 Training (grad enabled): the kernel's log-sum-exp output is not differentiable, so each query block gathers its
 keys (``index_select``) and calls SDPA with a boolean mask once; autograd flows through SDPA.
 """
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .cpu_ext import cpu_extension
+from .cpu_plan import plan_rects, rect_cost
 from .pattern import BlockPattern
 
 __all__ = ["torch_sparse_attention", "plan_runs"]
@@ -40,8 +44,8 @@ def plan_runs(pattern: BlockPattern) -> list[list[tuple[int, int, tuple[Run, ...
     last one clipped to ``kv_len``). Memoised on the pattern.
     """
     key = ("runs",)
-    if key in pattern._cache:
-        return pattern._cache[key]
+    if key in pattern._structure:
+        return pattern._structure[key]
     bp, hp = pattern.groups
     indptr = pattern.indptr.reshape(bp * hp, -1).tolist()
     indices = pattern.indices.reshape(bp * hp, -1).tolist()
@@ -67,7 +71,7 @@ def plan_runs(pattern: BlockPattern) -> list[list[tuple[int, int, tuple[Run, ...
             else:
                 rows.append((q0, q1, run_t))
         plans.append(rows)
-    pattern._cache[key] = plans
+    pattern._structure[key] = plans
     return plans
 
 
@@ -183,13 +187,92 @@ def _runs_forward(q, k, v, pattern: BlockPattern, scale: float, return_lse: bool
             for item in chunk:
                 _query_chunk(q, k, v, out, lse_all, pattern, scale, item)
 
-    torch.set_num_threads(1)
-    try:
+    with _one_thread_per_call():
         for future in [pool.submit(work, chunk) for chunk in _balanced_bins(items, threads)]:
             future.result()
+    return out, lse_all
+
+
+@contextmanager
+def _one_thread_per_call() -> Iterator[int]:
+    """Intra-op threads set to 1 while our own workers split the calls (yields the previous count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield threads
     finally:
         torch.set_num_threads(threads)
-    return out, lse_all
+
+
+Call = tuple[slice, slice, int, int, int, int, bool]  # (batch, heads, q0, q1, k0, k1, partial)
+
+
+def _ext_program(pattern: BlockPattern, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor, list[Call]]:
+    """The extension's ``tasks (T, 2)`` and ``calls (C, 8)`` for inputs of batch ``b`` and ``h`` heads, and the
+    calls that need a mask (partial blocks; keys past a sample's ``kv_lens``), left to Python. One task per strip of
+    one group, longest first. Memoised on the pattern."""
+    key = ("ext", b, h)
+    if key in pattern._cache:
+        return pattern._cache[key]
+    bp, hp = pattern.groups
+    lens = None if pattern.kv_lens is None else pattern.kv_lens.tolist()
+    tasks: list[tuple[float, list[list[int]]]] = []
+    masked: list[Call] = []
+    runs = plan_runs(pattern) if pattern.partial is not None else None
+    for (g, bs, hs), strips in zip(_group_slices(pattern, b, h), plan_rects(pattern)):
+        b0, b1 = (0, b) if bp == 1 else (bs.start, bs.stop)
+        h0, h1 = (0, h) if hp == 1 else (hs.start, hs.stop)
+        clean_end = pattern.kv_len if lens is None else min(lens[b0:b1])
+        longest = pattern.kv_len if lens is None else max(lens[b0:b1])
+        for strip in strips:
+            calls, cost = [], 0.0
+            for q0, q1, k0, k1 in strip:
+                if k0 < clean_end:
+                    calls.append([b0, b1, h0, h1, q0, q1, k0, min(k1, clean_end)])
+                    cost += rect_cost(q1 - q0, min(k1, clean_end) - k0)
+                if k1 > clean_end and longest > max(k0, clean_end):
+                    masked.append((bs, hs, q0, q1, max(k0, clean_end), k1, False))
+            if calls:
+                tasks.append((cost, calls))
+        if runs is not None:
+            masked += [(bs, hs, q0, q1, k0, k1, True) for q0, q1, row in runs[g] for k0, k1, part in row if part]
+    tasks.sort(key=lambda t: -t[0])
+    bounds, flat = [], []
+    for _, calls in tasks:
+        bounds.append([len(flat), len(flat) + len(calls)])
+        flat += calls
+    program = (torch.tensor(bounds, dtype=torch.int64).reshape(-1, 2),
+               torch.tensor(flat, dtype=torch.int64).reshape(-1, 8), masked)
+    pattern._cache[key] = program
+    return program
+
+
+def _merge_into(acc: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, out_lse: torch.Tensor) -> None:
+    """``acc, lse`` (fp32 views) <- the log-sum-exp merge of themselves with ``out, out_lse``; -inf rows stay 0."""
+    m = torch.maximum(lse, out_lse).clamp_min(torch.finfo(torch.float32).min)
+    wa, wb = torch.exp(lse - m), torch.exp(out_lse - m)
+    total = wa + wb
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    acc.mul_((wa / safe)[..., None]).add_(out.float() * (wb / safe)[..., None])
+    lse.copy_(m + torch.log(total))
+
+
+def _ext_forward(q, k, v, pattern: BlockPattern, scale: float, return_lse: bool):
+    """Inference path with the C++ extension: rectangles from ``cpu_plan`` merged in fp32 on all intra-op threads,
+    then the masked calls in Python."""
+    b, h, sq, _ = q.shape
+    tasks, calls, masked = _ext_program(pattern, b, h)
+    acc = torch.zeros(b, sq, h, v.shape[-1], dtype=torch.float32).transpose(1, 2)
+    lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float32)
+    if calls.numel():
+        with _one_thread_per_call() as threads:
+            torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, tasks, calls, scale, threads)
+    for bs, hs, q0, q1, k0, k1, part in masked:
+        o, l = _flash(q[bs, hs, q0:q1], k[bs, hs, k0:k1], v[bs, hs, k0:k1],
+                      _run_mask(pattern, q0, q1, k0, k1, part, bs), scale)
+        _merge_into(acc[bs, hs, q0:q1], lse[bs, hs, q0:q1], o, l)
+    out = acc if q.dtype == torch.float32 else acc.to(q.dtype)
+    return out, (lse if return_lse else None)
 
 
 def _gather_forward(q, k, v, pattern: BlockPattern, scale: float, return_lse: bool):
@@ -259,4 +342,6 @@ def torch_sparse_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _gather_forward(q, k, v, pattern, scale, return_lse)
+    if q.device.type == "cpu" and cpu_extension():
+        return _ext_forward(q, k, v, pattern, scale, return_lse)
     return _runs_forward(q, k, v, pattern, scale, return_lse)

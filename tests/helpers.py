@@ -1,8 +1,10 @@
-"""Test processors and run helpers shared by the processor and adapter tests."""
+"""Test processors, run helpers and attention-case strategies shared by the tests."""
 import torch
+from hypothesis import strategies as st
 
 import vidattn
 from vidattn import BlockPattern, DenseProcessor, SparseAttentionProcessor
+from vidattn.kernels import WindowPredicate
 
 
 class RandomBlocks(SparseAttentionProcessor):
@@ -85,3 +87,39 @@ def generate_patched(pipe, processor, owner, name, make_patch, **call):
         setattr(owner, name, original)
         vidattn.remove(pipe)
     return inst
+
+
+@st.composite
+def attention_cases(draw, per_head=True):
+    """Random shapes, ragged lengths, partial window blocks, per-sample key lengths and per-head patterns."""
+    b = draw(st.integers(1, 2))
+    h = draw(st.integers(1, 3))
+    d = draw(st.sampled_from([8, 16]))
+    frames, height, width = draw(st.integers(1, 3)), draw(st.integers(2, 5)), draw(st.integers(2, 6))
+    text = draw(st.integers(0, 9))
+    s = frames * height * width + text
+    bq = draw(st.sampled_from([4, 8, 16]))
+    bk = draw(st.sampled_from([4, 8, 16]))
+    hp = draw(st.sampled_from([1, h])) if per_head else 1
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    nq, nk = -(-s // bq), -(-s // bk)
+    bitmap = torch.rand(1, hp, nq, nk, generator=g) < draw(st.floats(0.2, 1.0))
+    pred = None
+    partial = None
+    if draw(st.booleans()):
+        pred = WindowPredicate.inward(frames, height, width, draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+        partial = torch.rand(1, hp, nq, nk, generator=g) < 0.5
+    kv_lens = None
+    if text and draw(st.booleans()):
+        kv_lens = torch.tensor([s - draw(st.integers(0, text)) for _ in range(b)])
+    p = BlockPattern.from_block_mask(bitmap, q_len=s, kv_len=s, block_q=bq, block_kv=bk, partial=partial,
+                                     predicate=pred, kv_lens=kv_lens)
+    q, k, v = (torch.randn(b, h, s, d, generator=g) for _ in range(3))
+    return q, k, v, p
+
+
+def assert_lse_close(lse, ref):
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert (lse[finite] - ref[finite]).abs().max().item() <= 1e-5 if finite.any() else True

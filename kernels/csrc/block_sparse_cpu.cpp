@@ -1,0 +1,144 @@
+// Block-sparse attention forward on the CPU: lists of dense rectangles (query rows x key run), each computed by
+// ATen's fused CPU flash kernel and merged into fp32 accumulators by log-sum-exp:
+//
+//     m = max(L, l),   L' = m + log(e^{L-m} + e^{l-m}),   O' = (O e^{L-m} + o e^{l-m}) / (e^{L-m} + e^{l-m})
+//
+// The rectangles of one task write only that task's query rows, so ``workers`` threads run the tasks without locks,
+// pulling them (longest first, as the caller orders them) from an atomic counter. The caller sets the intra-op
+// threads to 1, so each flash call runs single-threaded on its worker. The Python loop this replaces lost ~20 % to
+// interpreter work and GIL hand-offs between its worker threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+#include <cmath>
+#include <limits>
+
+namespace {
+
+// Columns of one row of ``calls``: batch range, head range, query range, key range (end exclusive).
+enum : int64_t { B0, B1, H0, H1, Q0, Q1, K0, K1, NCOL };
+
+void merge_rows(at::Tensor& acc, at::Tensor& lse, const at::Tensor& out, const at::Tensor& out_lse,
+                int64_t b0, int64_t h0, int64_t q0) {
+  const at::Tensor o = out.scalar_type() == at::kFloat ? out : out.to(at::kFloat);
+  const at::Tensor l = out_lse.scalar_type() == at::kFloat ? out_lse : out_lse.to(at::kFloat);
+  const int64_t nb = o.size(0), nh = o.size(1), nq = o.size(2), d = o.size(3);
+  const auto os = o.strides();
+  const auto as = acc.strides();
+  const auto ls = l.strides();
+  const auto Ls = lse.strides();
+  const float* op = o.const_data_ptr<float>();
+  const float* lp = l.const_data_ptr<float>();
+  float* ap = acc.data_ptr<float>();
+  float* Lp = lse.data_ptr<float>();
+  const bool unit = os[3] == 1 && as[3] == 1;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t h = 0; h < nh; ++h) {
+      for (int64_t i = 0; i < nq; ++i) {
+        const float li = lp[b * ls[0] + h * ls[1] + i * ls[2]];
+        if (li == neg_inf) continue;
+        float* dst = ap + (b0 + b) * as[0] + (h0 + h) * as[1] + (q0 + i) * as[2];
+        const float* src = op + b * os[0] + h * os[1] + i * os[2];
+        float& L = Lp[(b0 + b) * Ls[0] + (h0 + h) * Ls[1] + (q0 + i) * Ls[2]];
+        if (L == neg_inf) {
+          if (unit) {
+            for (int64_t e = 0; e < d; ++e) dst[e] = src[e];
+          } else {
+            for (int64_t e = 0; e < d; ++e) dst[e * as[3]] = src[e * os[3]];
+          }
+          L = li;
+          continue;
+        }
+        const float m = std::max(L, li);
+        const float wa = std::exp(L - m), wb = std::exp(li - m), s = wa + wb;
+        const float ca = wa / s, cb = wb / s;
+        if (unit) {
+          for (int64_t e = 0; e < d; ++e) dst[e] = dst[e] * ca + src[e] * cb;
+        } else {
+          for (int64_t e = 0; e < d; ++e) dst[e * as[3]] = dst[e * as[3]] * ca + src[e * os[3]] * cb;
+        }
+        L = m + std::log(s);
+      }
+    }
+  }
+}
+
+// q, k, v: (B, H, S, D) of one floating dtype, any strides. acc: fp32 (B, H, Sq, Dv), lse: fp32 (B, H, Sq), both
+// holding the running result (lse -inf where nothing was merged yet). tasks: int64 (T, 2) ranges of rows of calls;
+// calls: int64 (C, 8), see the enum above; bounds are checked here.
+void runs_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor acc, at::Tensor lse,
+                  const at::Tensor& tasks, const at::Tensor& calls, double scale, int64_t num_workers) {
+  TORCH_CHECK(q.device().is_cpu(), "vidattn runs_forward: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "vidattn runs_forward: q, k, v must be 4-D");
+  TORCH_CHECK(acc.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat,
+              "vidattn runs_forward: acc and lse must be float32");
+  TORCH_CHECK(tasks.scalar_type() == at::kLong && calls.scalar_type() == at::kLong,
+              "vidattn runs_forward: tasks and calls must be int64");
+  TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == 2 && calls.dim() == 2 && calls.size(1) == NCOL,
+              "vidattn runs_forward: tasks must be (T, 2) and calls (C, 8)");
+  const at::Tensor t_c = tasks.contiguous();
+  const at::Tensor c_c = calls.contiguous();
+  const int64_t* tp = t_c.const_data_ptr<int64_t>();
+  const int64_t* cp = c_c.const_data_ptr<int64_t>();
+  const int64_t num_tasks = t_c.size(0), num_calls = c_c.size(0);
+  const int64_t nb = q.size(0), nh = q.size(1), sq = q.size(2), skv = k.size(2);
+  TORCH_CHECK(acc.dim() == 4 && acc.size(0) == nb && acc.size(1) == nh && acc.size(2) == sq &&
+                  acc.size(3) == v.size(3) && lse.dim() == 3 && lse.size(0) == nb && lse.size(1) == nh &&
+                  lse.size(2) == sq,
+              "vidattn runs_forward: acc must be (B, H, Sq, Dv) and lse (B, H, Sq) of q and v");
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    TORCH_CHECK(0 <= tp[2 * t] && tp[2 * t] <= tp[2 * t + 1] && tp[2 * t + 1] <= num_calls,
+                "vidattn runs_forward: task ", t, " is not a range of calls");
+  }
+  for (int64_t c = 0; c < num_calls; ++c) {
+    const int64_t* r = cp + NCOL * c;
+    TORCH_CHECK(0 <= r[B0] && r[B0] < r[B1] && r[B1] <= nb && 0 <= r[H0] && r[H0] < r[H1] && r[H1] <= nh &&
+                    0 <= r[Q0] && r[Q0] < r[Q1] && r[Q1] <= sq && 0 <= r[K0] && r[K0] < r[K1] && r[K1] <= skv,
+                "vidattn runs_forward: call ", c, " lies outside q, k, v");
+  }
+  std::atomic<int64_t> next{0};
+  const bool inference = c10::InferenceMode::is_enabled();
+  const int64_t workers = std::min<int64_t>(std::max<int64_t>(num_workers, 1), std::max<int64_t>(num_tasks, 1));
+  std::exception_ptr error;
+  std::mutex error_lock;
+  auto work = [&]() {
+    try {
+      at::InferenceMode guard(inference);
+      for (int64_t t = next++; t < num_tasks; t = next++) {
+        for (int64_t c = tp[2 * t]; c < tp[2 * t + 1]; ++c) {
+          const int64_t* r = cp + NCOL * c;
+          const at::Tensor qc = q.slice(0, r[B0], r[B1]).slice(1, r[H0], r[H1]).slice(2, r[Q0], r[Q1]);
+          const at::Tensor kc = k.slice(0, r[B0], r[B1]).slice(1, r[H0], r[H1]).slice(2, r[K0], r[K1]);
+          const at::Tensor vc = v.slice(0, r[B0], r[B1]).slice(1, r[H0], r[H1]).slice(2, r[K0], r[K1]);
+          auto res = at::_scaled_dot_product_flash_attention_for_cpu(qc, kc, vc, 0.0, false, std::nullopt, scale);
+          merge_rows(acc, lse, std::get<0>(res), std::get<1>(res), r[B0], r[H0], r[Q0]);
+        }
+      }
+    } catch (...) {
+      std::lock_guard<std::mutex> hold(error_lock);
+      if (!error) error = std::current_exception();
+      next = num_tasks;
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work);
+  work();
+  for (auto& th : pool) th.join();
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vidattn_cpu, m) {
+  m.def("runs_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) acc, Tensor(b!) lse, Tensor tasks, Tensor calls, "
+        "float scale, int workers) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(vidattn_cpu, CPU, m) { m.impl("runs_forward", &runs_forward); }

@@ -1,0 +1,205 @@
+"""The CPU backend's C++ extension and its rectangle planner: builds here, matches the reference and the Python loop,
+covers every listed block exactly once, and fails loudly on bad input."""
+import logging
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vidattn import TokenLayout, radial_pattern
+from vidattn.kernels import BlockPattern, WindowPredicate, cpu_ext, sparse_attention
+from vidattn.kernels import torch_backend
+from vidattn.kernels.cpu_plan import plan_rects, rect_cost, strip_rects
+from vidattn.kernels.reference import reference_attention
+
+from helpers import assert_lse_close, attention_cases
+
+
+@contextmanager
+def python_loop():
+    """The torch backend as it runs where the extension cannot be built."""
+    original = torch_backend.cpu_extension
+    torch_backend.cpu_extension = lambda: False
+    try:
+        yield
+    finally:
+        torch_backend.cpu_extension = original
+
+
+@contextmanager
+def threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_extension_builds_on_this_machine():
+    assert cpu_ext.cpu_extension(), cpu_ext.extension_error()
+    assert hasattr(torch.ops.vidattn_cpu, "runs_forward")
+
+
+@settings(max_examples=40, deadline=None)
+@given(attention_cases(), st.sampled_from([1, 2]))
+def test_extension_and_python_loop_match_reference(case, workers):
+    q, k, v, p = case
+    ref, ref_lse = reference_attention(q, k, v, p, return_lse=True)
+    with threads(workers), torch.inference_mode():
+        out, lse = sparse_attention(q, k, v, p, backend="torch", return_lse=True)
+        with python_loop():
+            out_py, lse_py = sparse_attention(q, k, v, p, backend="torch", return_lse=True)
+    for o, l in ((out, lse), (out_py, lse_py)):
+        assert (o - ref).abs().max().item() <= 1e-5
+        assert_lse_close(l, ref_lse)
+
+
+def _cells(rects, p):
+    """Block cells covered by token rectangles, with multiplicity."""
+    count = np.zeros((p.num_q_blocks, p.num_kv_blocks), dtype=np.int64)
+    for q0, q1, k0, k1 in rects:
+        assert 0 <= q0 < q1 <= p.q_len and 0 <= k0 < k1 <= p.kv_len
+        assert q0 % p.block_q == 0 and k0 % p.block_kv == 0
+        assert q1 % p.block_q == 0 or q1 == p.q_len
+        assert k1 % p.block_kv == 0 or k1 == p.kv_len
+        count[q0 // p.block_q:-(-q1 // p.block_q), k0 // p.block_kv:-(-k1 // p.block_kv)] += 1
+    return count
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 60), st.sampled_from([8, 16, 128]), st.sampled_from([8, 16, 128]),
+       st.floats(0.05, 1.0), st.integers(0, 2**16), st.booleans())
+def test_plan_covers_every_full_block_exactly_once(nq, nk, bq, bk, density, seed, with_partial):
+    g = torch.Generator().manual_seed(seed)
+    q_len, kv_len = nq * bq - int(torch.randint(bq, (1,), generator=g)), nk * bk - int(torch.randint(bk, (1,), generator=g))
+    bitmap = torch.rand(1, 2, nq, nk, generator=g) < density
+    partial = torch.rand(1, 2, nq, nk, generator=g) < 0.3 if with_partial else None
+    p = BlockPattern.from_block_mask(bitmap, q_len=q_len, kv_len=kv_len, block_q=bq, block_kv=bk, partial=partial,
+                                     predicate=(lambda qi, ki: qi >= ki) if with_partial else None)
+    full = p.block_bitmap() & ~p.partial_bitmap()
+    for g_, strips in enumerate(plan_rects(p)):
+        count = _cells([r for strip in strips for r in strip], p)
+        assert np.array_equal(count, full[0, g_].numpy().astype(np.int64))
+
+
+def test_plan_takes_tall_rectangles_where_rows_share_runs():
+    """Dense 8x8-block squares on the diagonal (queries of a frame attending their frame): one call per square."""
+    n, side = 32, 8
+    r = torch.arange(n)
+    mask = (r[:, None] // side) == (r[None, :] // side)
+    p = BlockPattern.from_block_mask(mask, q_len=n * 128, kv_len=n * 128, block_q=128)
+    rects = [rect for strip in plan_rects(p)[0] for rect in strip]
+    assert sorted(rects) == [(i * 1024, (i + 1) * 1024, i * 1024, (i + 1) * 1024) for i in range(n // side)]
+
+
+def test_plan_keeps_row_calls_on_a_thin_band():
+    """A 3-block band shares no run wide enough across 4+ rows: the rows' own calls are cheapest and kept."""
+    n = 40
+    r = torch.arange(n)
+    strip = ((r[:8, None] - r[None, :]).abs() <= 1).numpy()
+    rects = strip_rects(strip, q0=0, q_len=n * 128, block_q=128, kv_len=n * 128, block_kv=128)
+    assert all(q1 - q0 == 128 for q0, q1, _, _ in rects)
+    assert len(rects) == 8
+
+
+def test_plan_is_never_costlier_than_row_calls_on_radial():
+    p = radial_pattern(TokenLayout(21, 30, 52), block_size=128, sink_frames=1)
+    planned = sum(rect_cost(q1 - q0, k1 - k0) for strip in plan_rects(p)[0] for q0, q1, k0, k1 in strip)
+    rows = sum(rect_cost(q1 - q0, k1 - k0) for q0, q1, runs in torch_backend.plan_runs(p)[0] for k0, k1, _ in runs)
+    assert planned < rows
+    tall = sum((q1 - q0) * (k1 - k0) for strip in plan_rects(p)[0] for q0, q1, k0, k1 in strip if q1 - q0 >= 1024)
+    assert tall / (p.density() * p.q_len * p.kv_len) > 0.3
+
+
+def test_kv_lens_copies_share_the_plan():
+    p = BlockPattern.from_block_mask(torch.rand(6, 6) < 0.5, q_len=90, kv_len=90, block_q=16)
+    masked = p.with_kv_lens(torch.tensor([90, 70]))
+    assert plan_rects(masked) is plan_rects(p)
+    assert torch_backend.plan_runs(masked) is torch_backend.plan_runs(p)
+
+
+def test_padded_keys_split_the_calls_at_each_samples_length():
+    """Batch 2 with different key lengths (one ending mid-block, one short of a whole block run): the rectangles
+    are cut at the shorter length and the rest is masked per sample."""
+    g = torch.Generator().manual_seed(5)
+    s = 200
+    p = BlockPattern.full(s, block_q=32).with_kv_lens(torch.tensor([137, 60]))
+    q, k, v = (torch.randn(2, 2, s, 16, generator=g) for _ in range(3))
+    ref, ref_lse = reference_attention(q, k, v, p, return_lse=True)
+    with torch.inference_mode():
+        out, lse = sparse_attention(q, k, v, p, backend="torch", return_lse=True)
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert_lse_close(lse, ref_lse)
+    _, calls, masked = torch_backend._ext_program(p, 2, 2)
+    assert int(calls[:, 7].max()) == 60
+    assert [(k0, k1) for *_, k0, k1, _ in masked] == [(60, 200)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_goes_through_the_extension(dtype):
+    g = torch.Generator().manual_seed(6)
+    s = 300
+    p = BlockPattern.from_block_mask(torch.rand(10, 10, generator=g) < 0.5, q_len=s, kv_len=s, block_q=32)
+    q, k, v = (torch.randn(1, 3, s, 32, generator=g) for _ in range(3))
+    ref32 = reference_attention(q, k, v, p)[0]
+    ref_lp = reference_attention(q.to(dtype), k.to(dtype), v.to(dtype), p)[0]
+    with torch.inference_mode():
+        out = sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), p, backend="torch")
+    assert out.dtype == dtype
+    assert (out.float() - ref32).abs().max().item() <= 2 * (ref_lp.float() - ref32).abs().max().item() + 1e-3
+
+
+def _op_args(s=64, d=8):
+    q, k, v = (torch.randn(1, 2, s, d) for _ in range(3))
+    acc = torch.zeros(1, 2, s, d)
+    lse = torch.full((1, 2, s), float("-inf"))
+    return q, k, v, acc, lse
+
+
+def test_op_checks_its_calls_and_raises_worker_errors():
+    assert cpu_ext.cpu_extension()
+    op = torch.ops.vidattn_cpu.runs_forward
+    q, k, v, acc, lse = _op_args()
+    tasks = torch.tensor([[0, 1]])
+    with pytest.raises(RuntimeError, match="lies outside"):
+        op(q, k, v, acc, lse, tasks, torch.tensor([[0, 1, 0, 2, 0, 64, 0, 65]]), 1.0, 2)
+    with pytest.raises(RuntimeError, match="range of calls"):
+        op(q, k, v, acc, lse, torch.tensor([[0, 2]]), torch.tensor([[0, 1, 0, 2, 0, 64, 0, 64]]), 1.0, 2)
+    with pytest.raises(RuntimeError, match="float32"):
+        op(q, k, v, acc.double(), lse, tasks, torch.tensor([[0, 1, 0, 2, 0, 64, 0, 64]]), 1.0, 2)
+    k_bad = torch.randn(1, 2, 64, 16)  # head dims differ: the flash kernel fails inside a worker thread
+    calls = torch.tensor([[0, 1, 0, 2, i * 8, i * 8 + 8, 0, 64] for i in range(8)])
+    with pytest.raises(RuntimeError):
+        op(q, k_bad, v, acc, lse, torch.arange(9).repeat_interleave(2)[1:-1].reshape(8, 2), calls, 1.0, 2)
+
+
+def test_op_merges_split_key_runs_exactly():
+    """One row of queries against [0, 20) and [20, 64) in two tasks' worth of calls equals one dense call."""
+    q, k, v, acc, lse = _op_args()
+    calls = torch.tensor([[0, 1, 0, 2, 0, 64, 0, 20], [0, 1, 0, 2, 0, 64, 20, 64]])
+    torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, torch.tensor([[0, 2]]), calls, 8 ** -0.5, 1)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert (acc - dense).abs().max().item() <= 1e-6
+    expect_lse = (q @ k.transpose(-1, -2) * 8 ** -0.5).logsumexp(-1)
+    assert (lse - expect_lse).abs().max().item() <= 1e-5
+
+
+def test_disabled_extension_falls_back_with_a_log_line(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_ext, "_STATE", {})
+    monkeypatch.setenv("VIDATTN_CPU_EXTENSION", "0")
+    with caplog.at_level(logging.INFO, logger="vidattn.kernels"):
+        assert not cpu_ext.cpu_extension()
+    assert "VIDATTN_CPU_EXTENSION=0" in cpu_ext.extension_error()
+    assert any("loops in Python" in r.getMessage() for r in caplog.records)
+    g = torch.Generator().manual_seed(7)
+    p = BlockPattern.from_block_mask(torch.rand(5, 5, generator=g) < 0.6, q_len=70, kv_len=70, block_q=16,
+                                     partial=torch.rand(5, 5, generator=g) < 0.5,
+                                     predicate=WindowPredicate.inward(1, 7, 10, 1, 1))
+    q, k, v = (torch.randn(1, 2, 70, 8, generator=g) for _ in range(3))
+    with torch.inference_mode():
+        out = sparse_attention(q, k, v, p, backend="torch")
+    assert (out - reference_attention(q, k, v, p)[0]).abs().max().item() <= 1e-5
