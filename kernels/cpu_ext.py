@@ -5,7 +5,7 @@ flash call per dense rectangle, log-sum-exp merge) in C++, run on the intra-op t
 needs a C++ compiler and ninja (a dependency); it takes 15-60 s the first time, then loads from torch's extension
 cache (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 When it cannot be built the torch backend runs the same loop in Python and says so once in the log.
-``VIDATTN_CPU_EXTENSION=0`` turns it off.
+``VIDATTN_CPU_EXTENSION=0`` turns it off (read on first use, once per process).
 """
 from __future__ import annotations
 
@@ -39,13 +39,18 @@ def cpu_extension() -> bool:
             return False
         try:
             _build()
-            torch.ops.vidattn_cpu.runs_forward  # noqa: B018 - raises if the library did not register
+            torch.library.register_fake("vidattn_cpu::runs_forward")(_runs_forward_fake)
             _STATE["ok"] = True
         except Exception as exc:  # any build or load failure: fall back, loudly
             _STATE.update(ok=False, error=f"{type(exc).__name__}: {exc}".strip()[:2000])
             logger.warning("vidattn: the CPU extension could not be built (%s); the torch backend loops in Python, "
-                           "about 20 %% slower on sparse patterns", _STATE["error"].splitlines()[0])
+                           "about 20 %% slower on sparse patterns (full error: "
+                           "vidattn.kernels.cpu_ext.extension_error())", _STATE["error"].splitlines()[0])
         return _STATE["ok"]
+
+
+def _runs_forward_fake(q, k, v, acc, lse, tasks, calls, scale, workers) -> None:
+    """Shape-only version for tracing (``torch.compile``): the op only writes into ``acc`` and ``lse``."""
 
 
 def extension_error() -> str | None:

@@ -4,8 +4,9 @@ The CPU flash kernel computes a rectangle faster the more query rows it holds (s
 Xeon: 128 rows ~68, 256 ~75, 512 ~79, 1024 or more ~105 GFLOP/s) and each call has a fixed cost, so a pattern is
 cheapest as few, tall rectangles. The query blocks are cut into strips of ``~1024 / block_q`` blocks; a strip is
 cut level by level: at height ``h`` each aligned group of ``h`` rows gives one rectangle per key run that all its
-rows still hold (at least ``min_width`` keys wide, or the whole key axis), the cells left go to the next, lower level, and height 1 takes
-each row's remaining runs. Per strip the ladder of heights with the lowest modelled cost wins, plain rows included:
+rows still hold (at least ``min_width`` keys wide, or the whole key axis), the cells left go to the next, lower
+level, and height 1 takes each row's remaining runs. Per strip the ladder of heights with the lowest modelled cost
+wins, plain rows included:
 
     cost(rect) = q_rows * keys / rate(q_rows) + CALL_COST
 

@@ -80,7 +80,7 @@ class BlockPattern:
         self.indices = indices.to(torch.int32)
         self.partial = None if partial is None else partial.to(torch.bool)
         self.predicate = predicate
-        self.kv_lens = None if kv_lens is None else kv_lens.to(torch.int32)
+        self.kv_lens = None if kv_lens is None else kv_lens.to(torch.int32, copy=True)  # plans read it once
         self._cache: dict = {}
         # What depends on the block structure alone (density, backend call plans): shared with with_kv_lens copies.
         self._structure: dict = {}

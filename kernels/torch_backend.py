@@ -103,7 +103,7 @@ def _group_slices(pattern: BlockPattern, b: int, h: int):
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float):
-    """Attention of one query chunk on one key run: (out, lse, row_has_key or None)."""
+    """Attention of one query chunk on one key run: ``(out, lse)``, lse in fp32 (fp64 for fp64 inputs)."""
     has_key = None
     add = None
     if mask is not None:
@@ -121,7 +121,12 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     if has_key is not None:
         lse = lse.masked_fill(~has_key.expand_as(lse), float("-inf"))
         out = out.masked_fill(~has_key.expand_as(lse)[..., None], 0.0)
-    return out, lse.float()
+    return out, lse.to(_merge_dtype(q.dtype))
+
+
+def _merge_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of the log-sum-exp merge: fp32, or the input's if wider."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _query_chunk(q, k, v, out, lse_all, pattern: BlockPattern, scale: float, item) -> None:
@@ -136,12 +141,12 @@ def _query_chunk(q, k, v, out, lse_all, pattern: BlockPattern, scale: float, ite
         lses = torch.stack([p[1] for p in parts])
         lse = torch.logsumexp(lses, 0)
         w = torch.exp(lses - lse).nan_to_num_(0.0)
-        o = parts[0][0].float() * w[0][..., None]
+        o = parts[0][0].to(lse.dtype) * w[0][..., None]
         for i in range(1, len(parts)):
             o.add_(parts[i][0] * w[i][..., None])
     out[bs, hs, q0:q1] = o.to(out.dtype)
     if lse_all is not None:
-        lse_all[bs, hs, q0:q1] = lse
+        lse_all[bs, hs, q0:q1] = lse.float()
 
 
 def _balanced_bins(items: list, workers: int) -> list[list]:
@@ -205,13 +210,17 @@ def _one_thread_per_call() -> Iterator[int]:
 
 
 Call = tuple[slice, slice, int, int, int, int, bool]  # (batch, heads, q0, q1, k0, k1, partial)
+# The extension merges in fp32: float64 inputs keep their precision on the Python path.
+_EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _ext_program(pattern: BlockPattern, b: int, h: int) -> tuple[torch.Tensor, torch.Tensor, list[Call]]:
+def _ext_program(pattern: BlockPattern, b: int, h: int,
+                 per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[Call]]:
     """The extension's ``tasks (T, 2)`` and ``calls (C, 8)`` for inputs of batch ``b`` and ``h`` heads, and the
     calls that need a mask (partial blocks; keys past a sample's ``kv_lens``), left to Python. One task per strip of
-    one group, longest first. Memoised on the pattern."""
-    key = ("ext", b, h)
+    one group (``per_head``: of one sample and head, for more tasks than strips), longest first. Memoised on the
+    pattern."""
+    key = ("ext", b, h, per_head)
     if key in pattern._cache:
         return pattern._cache[key]
     bp, hp = pattern.groups
@@ -224,16 +233,16 @@ def _ext_program(pattern: BlockPattern, b: int, h: int) -> tuple[torch.Tensor, t
         h0, h1 = (0, h) if hp == 1 else (hs.start, hs.stop)
         clean_end = pattern.kv_len if lens is None else min(lens[b0:b1])
         longest = pattern.kv_len if lens is None else max(lens[b0:b1])
+        pairs = [(i, i + 1, j, j + 1) for i in range(b0, b1) for j in range(h0, h1)] if per_head else [(b0, b1, h0, h1)]
         for strip in strips:
             calls, cost = [], 0.0
             for q0, q1, k0, k1 in strip:
                 if k0 < clean_end:
-                    calls.append([b0, b1, h0, h1, q0, q1, k0, min(k1, clean_end)])
+                    calls.append([q0, q1, k0, min(k1, clean_end)])
                     cost += rect_cost(q1 - q0, min(k1, clean_end) - k0)
                 if k1 > clean_end and longest > max(k0, clean_end):
-                    masked.append((bs, hs, q0, q1, max(k0, clean_end), k1, False))
-            if calls:
-                tasks.append((cost, calls))
+                    masked.append((bs, hs, q0, q1, max(k0, clean_end), min(k1, longest), False))
+            tasks += [(cost, [[*pair, *c] for c in calls]) for pair in pairs if calls]
         if runs is not None:
             masked += [(bs, hs, q0, q1, k0, k1, True) for q0, q1, row in runs[g] for k0, k1, part in row if part]
     tasks.sort(key=lambda t: -t[0])
@@ -258,15 +267,23 @@ def _merge_into(acc: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, out_lse
 
 
 def _ext_forward(q, k, v, pattern: BlockPattern, scale: float, return_lse: bool):
-    """Inference path with the C++ extension: rectangles from ``cpu_plan`` merged in fp32 on all intra-op threads,
-    then the masked calls in Python."""
+    """Inference path with the C++ extension: rectangles from ``cpu_plan`` merged in fp32, then the masked calls in
+    Python. With at least two tasks per thread the tasks run on single-threaded workers (the fast mode for long
+    sequences); with fewer, per (sample, head) tasks are tried, and otherwise one worker runs the calls with the
+    intra-op threads inside each call."""
     b, h, sq, _ = q.shape
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    threads = torch.get_num_threads()
     tasks, calls, masked = _ext_program(pattern, b, h)
+    if threads > 1 and len(tasks) < 2 * threads and b * h > 1:
+        tasks, calls, masked = _ext_program(pattern, b, h, per_head=True)
     acc = torch.zeros(b, sq, h, v.shape[-1], dtype=torch.float32).transpose(1, 2)
     lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float32)
-    if calls.numel():
-        with _one_thread_per_call() as threads:
+    if calls.numel() and len(tasks) >= 2 * threads:
+        with _one_thread_per_call():
             torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, tasks, calls, scale, threads)
+    elif calls.numel():
+        torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, tasks, calls, scale, 1)
     for bs, hs, q0, q1, k0, k1, part in masked:
         o, l = _flash(q[bs, hs, q0:q1], k[bs, hs, k0:k1], v[bs, hs, k0:k1],
                       _run_mask(pattern, q0, q1, k0, k1, part, bs), scale)
@@ -342,6 +359,6 @@ def torch_sparse_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return _gather_forward(q, k, v, pattern, scale, return_lse)
-    if q.device.type == "cpu" and cpu_extension():
+    if q.device.type == "cpu" and q.dtype in _EXT_DTYPES and q.numel() and cpu_extension():
         return _ext_forward(q, k, v, pattern, scale, return_lse)
     return _runs_forward(q, k, v, pattern, scale, return_lse)

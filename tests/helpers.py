@@ -1,10 +1,12 @@
 """Test processors, run helpers and attention-case strategies shared by the tests."""
+from contextlib import contextmanager
+
 import torch
 from hypothesis import strategies as st
 
 import vidattn
 from vidattn import BlockPattern, DenseProcessor, SparseAttentionProcessor
-from vidattn.kernels import WindowPredicate
+from vidattn.kernels import WindowPredicate, torch_backend
 
 
 class RandomBlocks(SparseAttentionProcessor):
@@ -123,3 +125,25 @@ def assert_lse_close(lse, ref):
     assert torch.equal(torch.isinf(lse), torch.isinf(ref))
     finite = torch.isfinite(ref)
     assert (lse[finite] - ref[finite]).abs().max().item() <= 1e-5 if finite.any() else True
+
+
+@contextmanager
+def python_loop():
+    """The torch backend as it runs where the CPU extension cannot be built."""
+    original = torch_backend.cpu_extension
+    torch_backend.cpu_extension = lambda: False
+    try:
+        yield
+    finally:
+        torch_backend.cpu_extension = original
+
+
+@contextmanager
+def threads(n):
+    """``n`` intra-op threads inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -67,6 +67,30 @@ def test_bench_attention_runs_and_appends(tmp_path, capsys):
     assert len(rows) == 2
     text = md.read_text()
     assert "Command: `vidattn bench attention" in text and "| 4x8x16 | 512 | radial |" in text
+    errors = [float(row.split("|")[-2]) for row in rows]
+    assert max(errors) <= 1e-5  # each backend against SDPA with the pattern's boolean mask
+
+
+def test_bench_reference_rows_equal_the_full_reference():
+    import torch
+
+    from vidattn.bench import masked_sdpa_rows
+    from vidattn.kernels import BlockPattern, WindowPredicate
+    from vidattn.kernels.reference import reference_attention
+
+    g = torch.Generator().manual_seed(0)
+    s = 150
+    p = BlockPattern.from_block_mask(torch.rand(10, 10, generator=g) < 0.5, q_len=s, kv_len=s, block_q=16,
+                                     partial=torch.rand(10, 10, generator=g) < 0.5,
+                                     predicate=WindowPredicate.inward(2, 5, 15, 1, 2), kv_lens=torch.tensor([s, 140]))
+    bitmap = p.block_bitmap()
+    bitmap[..., 0] = True  # every query keeps a key
+    p = BlockPattern.from_block_mask(bitmap, q_len=s, kv_len=s, block_q=16, partial=p.partial_bitmap() & bitmap,
+                                     predicate=p.predicate, kv_lens=p.kv_lens)
+    q, k, v = (torch.randn(2, 2, s, 8, generator=g) for _ in range(3))
+    rows = torch.tensor([0, 7, 15, 16, 80, 149])
+    ref = reference_attention(q, k, v, p)[0][:, :, rows]
+    assert (masked_sdpa_rows(q, k, v, p, rows) - ref).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("argv, option", [

@@ -1,8 +1,6 @@
 """The CPU backend's C++ extension and its rectangle planner: builds here, matches the reference and the Python loop,
 covers every listed block exactly once, and fails loudly on bad input."""
 import logging
-from contextlib import contextmanager
-
 import numpy as np
 import pytest
 import torch
@@ -15,28 +13,11 @@ from vidattn.kernels import torch_backend
 from vidattn.kernels.cpu_plan import plan_rects, rect_cost, strip_rects
 from vidattn.kernels.reference import reference_attention
 
-from helpers import assert_lse_close, attention_cases
+from helpers import assert_lse_close, attention_cases, python_loop, threads
 
 
-@contextmanager
-def python_loop():
-    """The torch backend as it runs where the extension cannot be built."""
-    original = torch_backend.cpu_extension
-    torch_backend.cpu_extension = lambda: False
-    try:
-        yield
-    finally:
-        torch_backend.cpu_extension = original
-
-
-@contextmanager
-def threads(n):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def _used_extension(p):
+    return any(key[0] == "ext" for key in p._cache if isinstance(key, tuple))
 
 
 def test_extension_builds_on_this_machine():
@@ -75,7 +56,8 @@ def _cells(rects, p):
        st.floats(0.05, 1.0), st.integers(0, 2**16), st.booleans())
 def test_plan_covers_every_full_block_exactly_once(nq, nk, bq, bk, density, seed, with_partial):
     g = torch.Generator().manual_seed(seed)
-    q_len, kv_len = nq * bq - int(torch.randint(bq, (1,), generator=g)), nk * bk - int(torch.randint(bk, (1,), generator=g))
+    q_len = nq * bq - int(torch.randint(bq, (1,), generator=g))
+    kv_len = nk * bk - int(torch.randint(bk, (1,), generator=g))
     bitmap = torch.rand(1, 2, nq, nk, generator=g) < density
     partial = torch.rand(1, 2, nq, nk, generator=g) < 0.3 if with_partial else None
     p = BlockPattern.from_block_mask(bitmap, q_len=q_len, kv_len=kv_len, block_q=bq, block_kv=bk, partial=partial,
@@ -136,7 +118,50 @@ def test_padded_keys_split_the_calls_at_each_samples_length():
     assert_lse_close(lse, ref_lse)
     _, calls, masked = torch_backend._ext_program(p, 2, 2)
     assert int(calls[:, 7].max()) == 60
-    assert [(k0, k1) for *_, k0, k1, _ in masked] == [(60, 200)]
+    assert [(k0, k1) for *_, k0, k1, _ in masked] == [(60, 137)]  # keys past every sample's length: skipped
+
+
+def test_per_sample_patterns_over_several_strips_on_worker_threads():
+    """Per-sample and per-head patterns (groups (2, 2)) with different key lengths, long enough for several strips
+    per group, so the extension runs many tasks on two workers."""
+    g = torch.Generator().manual_seed(8)
+    s, bq = 1100, 16
+    n = -(-s // bq)
+    bitmap = torch.rand(2, 2, n, n, generator=g) < 0.3
+    bitmap[..., 0] = True
+    lens = torch.tensor([s - 3, s - 40], dtype=torch.int32)
+    p = BlockPattern.from_block_mask(bitmap, q_len=s, kv_len=s, block_q=bq, kv_lens=lens)
+    lens[0] = 5  # the pattern holds its own copy
+    assert int(p.kv_lens[0]) == s - 3
+    q, k, v = (torch.randn(2, 2, s, 16, generator=g) for _ in range(3))
+    ref, ref_lse = reference_attention(q, k, v, p, return_lse=True)
+    with threads(2), torch.inference_mode():
+        out, lse = sparse_attention(q, k, v, p, backend="torch", return_lse=True)
+    tasks, _, _ = torch_backend._ext_program(p, 2, 2)
+    assert len(tasks) >= 4
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert_lse_close(lse, ref_lse)
+
+
+def test_short_sequences_split_tasks_per_head():
+    """One strip shared by all heads is one task: the program is split per (sample, head) to use both threads."""
+    g = torch.Generator().manual_seed(9)
+    p = BlockPattern.from_block_mask(torch.rand(8, 8, generator=g) < 0.5, q_len=120, kv_len=120, block_q=16)
+    q, k, v = (torch.randn(2, 3, 120, 8, generator=g) for _ in range(3))
+    with threads(2), torch.inference_mode():
+        out = sparse_attention(q, k, v, p, backend="torch")
+    assert ("ext", 2, 3, True) in p._cache and len(p._cache[("ext", 2, 3, True)][0]) == 6
+    assert (out - reference_attention(q, k, v, p)[0]).abs().max().item() <= 1e-5
+
+
+def test_float64_keeps_its_precision_on_the_python_loop():
+    g = torch.Generator().manual_seed(10)
+    p = BlockPattern.from_block_mask(torch.rand(6, 6, generator=g) < 0.6, q_len=90, kv_len=90, block_q=16)
+    q, k, v = (torch.randn(1, 2, 90, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    with torch.inference_mode():
+        out = sparse_attention(q, k, v, p, backend="torch")
+    assert out.dtype == torch.float64 and not _used_extension(p)
+    assert (out - reference_attention(q, k, v, p)[0]).abs().max().item() <= 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -149,7 +174,7 @@ def test_low_precision_goes_through_the_extension(dtype):
     ref_lp = reference_attention(q.to(dtype), k.to(dtype), v.to(dtype), p)[0]
     with torch.inference_mode():
         out = sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), p, backend="torch")
-    assert out.dtype == dtype
+    assert out.dtype == dtype and _used_extension(p)
     assert (out.float() - ref32).abs().max().item() <= 2 * (ref_lp.float() - ref32).abs().max().item() + 1e-3
 
 
@@ -175,6 +200,16 @@ def test_op_checks_its_calls_and_raises_worker_errors():
     calls = torch.tensor([[0, 1, 0, 2, i * 8, i * 8 + 8, 0, 64] for i in range(8)])
     with pytest.raises(RuntimeError):
         op(q, k_bad, v, acc, lse, torch.arange(9).repeat_interleave(2)[1:-1].reshape(8, 2), calls, 1.0, 2)
+
+
+def test_op_has_a_fake_kernel_for_tracing():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert cpu_ext.cpu_extension()
+    with FakeTensorMode():
+        q, k, v, acc, lse = _op_args()
+        torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, torch.tensor([[0, 1]]),
+                                           torch.tensor([[0, 1, 0, 2, 0, 64, 0, 64]]), 1.0, 1)
 
 
 def test_op_merges_split_key_runs_exactly():

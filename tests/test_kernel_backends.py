@@ -1,5 +1,6 @@
 """Every CPU backend against the reference (SDPA with the pattern's dense boolean mask)."""
 import warnings
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from vidattn.kernels.reference import reference_attention
 
 from helpers import assert_lse_close as _close_lse
 from helpers import attention_cases as cases
+from helpers import python_loop, threads
 
 warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
@@ -115,9 +117,11 @@ def test_bad_inputs_are_named():
         sparse_attention(q, q, q, BlockPattern.full(12, block_q=4))
 
 
+@pytest.mark.parametrize("extension", [True, False])
 @pytest.mark.parametrize("inference", [False, True])
-def test_torch_backend_worker_threads_match_reference(inference):
-    """Many query chunks take the worker-thread path (one single-threaded kernel call per chunk and run)."""
+def test_torch_backend_worker_threads_match_reference(inference, extension):
+    """Many query chunks on two threads: the extension's tasks, or the Python loop's worker threads (one
+    single-threaded kernel call per chunk and run)."""
     g = torch.Generator().manual_seed(4)
     s = 37 * 8 + 5
     bitmap = torch.rand(38, 38, generator=g) < 0.3
@@ -127,12 +131,7 @@ def test_torch_backend_worker_threads_match_reference(inference):
                                      kv_lens=torch.tensor([s, s - 4]))
     q, k, v = (torch.randn(2, 2, s, 16, generator=g) for _ in range(3))
     ref, ref_lse = reference_attention(q, k, v, p, return_lse=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.inference_mode(inference):
-            out, lse = sparse_attention(q, k, v, p, backend="torch", return_lse=True)
-    finally:
-        torch.set_num_threads(threads)
+    with threads(2), torch.inference_mode(inference), (nullcontext() if extension else python_loop()):
+        out, lse = sparse_attention(q, k, v, p, backend="torch", return_lse=True)
     assert (out - ref).abs().max().item() <= 1e-5
     _close_lse(lse, ref_lse)

@@ -8,12 +8,14 @@
 // threads to 1, so each flash call runs single-threaded on its worker. The Python loop this replaces lost ~20 % to
 // interpreter work and GIL hand-offs between its worker threads.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 #include <cmath>
@@ -24,12 +26,12 @@ namespace {
 // Columns of one row of ``calls``: batch range, head range, query range, key range (end exclusive).
 enum : int64_t { B0, B1, H0, H1, Q0, Q1, K0, K1, NCOL };
 
+// acc, lse rows [q0, q0 + nq) of batch b0.. and head h0.. <- log-sum-exp merge with (out, out_lse).
 void merge_rows(at::Tensor& acc, at::Tensor& lse, const at::Tensor& out, const at::Tensor& out_lse,
                 int64_t b0, int64_t h0, int64_t q0) {
-  const at::Tensor o = out.scalar_type() == at::kFloat ? out : out.to(at::kFloat);
-  const at::Tensor l = out_lse.scalar_type() == at::kFloat ? out_lse : out_lse.to(at::kFloat);
+  const at::Tensor o = out.to(at::kFloat).contiguous();
+  const at::Tensor l = out_lse.to(at::kFloat);
   const int64_t nb = o.size(0), nh = o.size(1), nq = o.size(2), d = o.size(3);
-  const auto os = o.strides();
   const auto as = acc.strides();
   const auto ls = l.strides();
   const auto Ls = lse.strides();
@@ -37,7 +39,6 @@ void merge_rows(at::Tensor& acc, at::Tensor& lse, const at::Tensor& out, const a
   const float* lp = l.const_data_ptr<float>();
   float* ap = acc.data_ptr<float>();
   float* Lp = lse.data_ptr<float>();
-  const bool unit = os[3] == 1 && as[3] == 1;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t b = 0; b < nb; ++b) {
     for (int64_t h = 0; h < nh; ++h) {
@@ -45,38 +46,41 @@ void merge_rows(at::Tensor& acc, at::Tensor& lse, const at::Tensor& out, const a
         const float li = lp[b * ls[0] + h * ls[1] + i * ls[2]];
         if (li == neg_inf) continue;
         float* dst = ap + (b0 + b) * as[0] + (h0 + h) * as[1] + (q0 + i) * as[2];
-        const float* src = op + b * os[0] + h * os[1] + i * os[2];
+        const float* src = op + ((b * nh + h) * nq + i) * d;
         float& L = Lp[(b0 + b) * Ls[0] + (h0 + h) * Ls[1] + (q0 + i) * Ls[2]];
         if (L == neg_inf) {
-          if (unit) {
-            for (int64_t e = 0; e < d; ++e) dst[e] = src[e];
-          } else {
-            for (int64_t e = 0; e < d; ++e) dst[e * as[3]] = src[e * os[3]];
-          }
+          std::copy(src, src + d, dst);
           L = li;
           continue;
         }
         const float m = std::max(L, li);
         const float wa = std::exp(L - m), wb = std::exp(li - m), s = wa + wb;
         const float ca = wa / s, cb = wb / s;
-        if (unit) {
-          for (int64_t e = 0; e < d; ++e) dst[e] = dst[e] * ca + src[e] * cb;
-        } else {
-          for (int64_t e = 0; e < d; ++e) dst[e * as[3]] = dst[e * as[3]] * ca + src[e * os[3]] * cb;
-        }
+        for (int64_t e = 0; e < d; ++e) dst[e] = dst[e] * ca + src[e] * cb;
         L = m + std::log(s);
       }
     }
   }
 }
 
-// q, k, v: (B, H, S, D) of one floating dtype, any strides. acc: fp32 (B, H, Sq, Dv), lse: fp32 (B, H, Sq), both
-// holding the running result (lse -inf where nothing was merged yet). tasks: int64 (T, 2) ranges of rows of calls;
-// calls: int64 (C, 8), see the enum above; bounds are checked here.
+// q, k, v: (B, H, S, D) of one floating dtype, last dimension contiguous. acc: fp32 (B, H, Sq, Dv), last dimension
+// contiguous, and lse: fp32 (B, H, Sq), both holding the running result (lse -inf where nothing was merged yet).
+// tasks: int64 (T, 2) ranges of rows of calls; calls: int64 (C, 8), see the enum above. Everything is checked here,
+// so bad input raises instead of reading out of bounds. The caller's thread-local state (grad and inference mode,
+// dispatch keys) is carried into the workers.
 void runs_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor acc, at::Tensor lse,
                   const at::Tensor& tasks, const at::Tensor& calls, double scale, int64_t num_workers) {
   TORCH_CHECK(q.device().is_cpu(), "vidattn runs_forward: CPU tensors only");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "vidattn runs_forward: q, k, v must be 4-D");
+  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && acc.device().is_cpu() && lse.device().is_cpu(),
+              "vidattn runs_forward: CPU tensors only");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "vidattn runs_forward: q, k, v must share one dtype");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) &&
+                  v.size(1) == q.size(1) && v.size(2) == k.size(2) && k.size(3) == q.size(3),
+              "vidattn runs_forward: k and v must match q's batch and heads, each other's length, q's head dim");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && acc.stride(3) == 1,
+              "vidattn runs_forward: q, k, v and acc need a contiguous last dimension");
   TORCH_CHECK(acc.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat,
               "vidattn runs_forward: acc and lse must be float32");
   TORCH_CHECK(tasks.scalar_type() == at::kLong && calls.scalar_type() == at::kLong,
@@ -104,13 +108,13 @@ void runs_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 "vidattn runs_forward: call ", c, " lies outside q, k, v");
   }
   std::atomic<int64_t> next{0};
-  const bool inference = c10::InferenceMode::is_enabled();
+  const at::ThreadLocalState caller_state;
   const int64_t workers = std::min<int64_t>(std::max<int64_t>(num_workers, 1), std::max<int64_t>(num_tasks, 1));
   std::exception_ptr error;
   std::mutex error_lock;
   auto work = [&]() {
     try {
-      at::InferenceMode guard(inference);
+      at::ThreadLocalStateGuard state(caller_state);
       for (int64_t t = next++; t < num_tasks; t = next++) {
         for (int64_t c = tp[2 * t]; c < tp[2 * t + 1]; ++c) {
           const int64_t* r = cp + NCOL * c;
@@ -128,7 +132,11 @@ void runs_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     }
   };
   std::vector<std::thread> pool;
-  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work);
+  try {
+    for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work);
+  } catch (const std::system_error&) {
+    // No thread to spare: the threads already started and this one share the tasks.
+  }
   work();
   for (auto& th : pool) th.join();
   if (error) std::rethrow_exception(error);
