@@ -24,6 +24,7 @@ logger = logging.getLogger("vidattn.kernels")
 _SOURCE = Path(__file__).parent / "csrc" / "block_sparse_cpu.cpp"
 _LOCK = threading.Lock()
 _STATE: dict = {}
+_FAKE_REGISTERED: list = []
 
 
 def cpu_extension() -> bool:
@@ -39,12 +40,11 @@ def cpu_extension() -> bool:
             return False
         try:
             _build()
-            torch.library.register_fake("vidattn_cpu::runs_forward")(_runs_forward_fake)
             _STATE["ok"] = True
         except Exception as exc:  # any build or load failure: fall back, loudly
             _STATE.update(ok=False, error=f"{type(exc).__name__}: {exc}".strip()[:2000])
             logger.warning("vidattn: the CPU extension could not be built (%s); the torch backend loops in Python, "
-                           "about 20 %% slower on sparse patterns (full error: "
+                           "20-30 %% slower on sparse patterns (full error: "
                            "vidattn.kernels.cpu_ext.extension_error())", _STATE["error"].splitlines()[0])
         return _STATE["ok"]
 
@@ -71,3 +71,6 @@ def _build() -> None:
     logger.info("vidattn: loading the CPU extension (built on first use: 15-60 s)")
     load(name="vidattn_block_sparse_cpu", sources=[str(_SOURCE)], extra_cflags=["-O3"], is_python_module=False,
          verbose=False)
+    if not _FAKE_REGISTERED:  # once per process, however often the state is reset
+        torch.library.register_fake("vidattn_cpu::runs_forward")(_runs_forward_fake)
+        _FAKE_REGISTERED.append(True)

@@ -233,7 +233,8 @@ def _ext_program(pattern: BlockPattern, b: int, h: int,
         h0, h1 = (0, h) if hp == 1 else (hs.start, hs.stop)
         clean_end = pattern.kv_len if lens is None else min(lens[b0:b1])
         longest = pattern.kv_len if lens is None else max(lens[b0:b1])
-        pairs = [(i, i + 1, j, j + 1) for i in range(b0, b1) for j in range(h0, h1)] if per_head else [(b0, b1, h0, h1)]
+        pairs = ([(i, i + 1, j, j + 1) for i in range(b0, b1) for j in range(h0, h1)] if per_head
+                 else [(b0, b1, h0, h1)])
         for strip in strips:
             calls, cost = [], 0.0
             for q0, q1, k0, k1 in strip:
