@@ -199,12 +199,12 @@ def _runs_forward(q, k, v, pattern: BlockPattern, scale: float, return_lse: bool
 
 
 @contextmanager
-def _one_thread_per_call() -> Iterator[int]:
-    """Intra-op threads set to 1 while our own workers split the calls (yields the previous count)."""
+def _one_thread_per_call() -> Iterator[None]:
+    """Intra-op threads set to 1 while our own workers split the calls."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield threads
+        yield
     finally:
         torch.set_num_threads(threads)
 
