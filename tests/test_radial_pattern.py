@@ -25,8 +25,9 @@ def spec_block_mask(layout: TokenLayout, *, decay: float, block: int, sink: int,
                     literal: bool = False) -> np.ndarray:
     """Spec §2.2 followed line by line: a token mask per frame pair, shrunk by the density vote, OR-ed in.
 
-    Unless ``literal``, with vidattn's two additions: the ragged last block votes over its existing rows instead of
-    ``B``, and a query block row left empty keeps its diagonal block.
+    ``literal``: upstream's canvas (``ceil(s/B)`` tiles from the frame's first block, columns' density over ``B``
+    rows). Otherwise spec §2.2a: the pair's token mask at its real place in the sequence, voted on every block it
+    touches, with the column density taken over the query frame's own rows in that block.
     """
     f, s, B = layout.frames, layout.tokens_per_frame, block
     S, v0, n = layout.seq_len, layout.video_start, layout.video_tokens
@@ -49,16 +50,10 @@ def spec_block_mask(layout: TokenLayout, *, decay: float, block: int, sink: int,
         w0 = P / 2 ** bl(d)
         return w0 >= thr or d % int(thr / w0) == 0
 
-    def shrink(tok: np.ndarray, first_row_block: int) -> np.ndarray:
-        nbl = tok.shape[0] // B
-        out = np.zeros((nbl, nbl), dtype=bool)
-        for bi in range(nbl):
-            rows = B if literal else max(1, min(B, S - (first_row_block + bi) * B))
-            for bj in range(nbl):
-                col_den = tok[bi * B:(bi + 1) * B, bj * B:(bj + 1) * B].sum(0) / rows
-                nonzero = int((col_den > 0).sum())
-                out[bi, bj] = nonzero > 0 and int((col_den > 1 / 3).sum()) / nonzero > 0.6
-        return out
+    def vote(tile: np.ndarray, rows: int) -> bool:
+        col_den = tile.sum(0) / rows
+        nonzero = int((col_den > 0).sum())
+        return nonzero > 0 and int((col_den > 1 / 3).sum()) / nonzero > 0.6
 
     nb = math.ceil(S / B)
     mask = np.zeros((nb, nb), dtype=bool)
@@ -77,18 +72,23 @@ def spec_block_mask(layout: TokenLayout, *, decay: float, block: int, sink: int,
             else:
                 local = (np.abs(k[:, None] - k[None, :]) <= half_width(d)) & pair_kept(d)
             gi, gj = v0 + i * s, v0 + j * s
-            ro, co = gi % B, gj % B
-            canvas = np.zeros((ro + c * B, co + c * B), dtype=bool)
-            canvas[ro:ro + s, co:co + s] = local
-            r0, c0 = gi // B, gj // B
-            bm = shrink(canvas[:c * B, :c * B], r0)
-            rows, cols = min(nb, r0 + c) - r0, min(nb, c0 + c) - c0
-            mask[r0:r0 + rows, c0:c0 + cols] |= bm[:rows, :cols]
+            if literal:
+                ro, co = gi % B, gj % B
+                canvas = np.zeros((ro + c * B, co + c * B), dtype=bool)
+                canvas[ro:ro + s, co:co + s] = local
+                r0, c0 = gi // B, gj // B
+                for bi in range(min(c, nb - r0)):
+                    for bj in range(min(c, nb - c0)):
+                        tile = canvas[bi * B:(bi + 1) * B, bj * B:(bj + 1) * B]
+                        mask[r0 + bi, c0 + bj] |= vote(tile, B)
+                continue
+            tok = np.zeros((nb * B, nb * B), dtype=bool)
+            tok[gi:gi + s, gj:gj + s] = local
+            for bi in range(gi // B, (gi + s - 1) // B + 1):
+                rows = min((bi + 1) * B, gi + s) - max(bi * B, gi)
+                for bj in range(gj // B, (gj + s - 1) // B + 1):
+                    mask[bi, bj] |= vote(tok[bi * B:(bi + 1) * B, bj * B:(bj + 1) * B], rows)
     assert n == f * s
-    if not literal:
-        for q in range(nb):
-            if not mask[q].any():
-                mask[q, q] = True
     return mask
 
 
@@ -132,9 +132,12 @@ def test_matches_literal_spec_hypothesis(frames, height, width, text, block, thr
                          decimation_threshold=thr)
     want = spec_block_mask(layout, decay=decay, block=block, sink=sink, d1_full=d1_full, thr=thr)
     np.testing.assert_array_equal(bitmap(got), want)
-    literal = spec_block_mask(layout, decay=decay, block=block, sink=sink, d1_full=d1_full, thr=thr, literal=True)
-    if layout.seq_len % block == 0 and literal.any(1).all():
-        np.testing.assert_array_equal(want, literal)  # the additions change nothing where upstream had no issue
+    literal = radial_pattern(layout, decay=decay, block_size=block, sink_frames=sink, d1_full=d1_full,
+                             decimation_threshold=thr, literal=True)
+    np.testing.assert_array_equal(bitmap(literal), spec_block_mask(layout, decay=decay, block=block, sink=sink,
+                                                                   d1_full=d1_full, thr=thr, literal=True))
+    if layout.video_start % block == 0 and layout.tokens_per_frame % block == 0:
+        np.testing.assert_array_equal(want, bitmap(literal))  # block-aligned frames: the two rules agree
 
 
 def test_ragged_tail_votes_over_existing_rows():
@@ -339,3 +342,83 @@ def test_ragged_tail_blocks_exist(text, position):
     mask = bitmap(pattern)
     assert mask[-1].any() and mask[:, -1].any()
     assert pattern.to_dense()[0, 0, -1, -1]
+
+
+# ---------------------------------------------------------------------------------------------------- (h) own frame
+def _frame_span(layout: TokenLayout, i: int) -> tuple[int, int]:
+    start = layout.video_start + i * layout.tokens_per_frame
+    return start, start + layout.tokens_per_frame
+
+
+def _whole_frames(layout: TokenLayout, sink: int, d1_full: bool) -> torch.Tensor:
+    """bool ``(S, S)``: the pairs the design attends densely — own frame, sink key frames, adjacent (``d1_full``)."""
+    frame = torch.full((layout.seq_len,), -1)
+    for i in range(layout.frames):
+        a, b = _frame_span(layout, i)
+        frame[a:b] = i
+    qf, kf = frame[:, None], frame[None, :]
+    video = (qf >= 0) & (kf >= 0)
+    reach = 1 if d1_full else 0
+    return video & (((qf - kf).abs() <= reach) | (kf < sink))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.integers(1, 9), height=st.integers(1, 9), width=st.integers(1, 13),
+       text=st.sampled_from([(0, "last"), (5, "first"), (77, "first"), (226, "first"), (9, "last"), (130, "last")]),
+       block=st.sampled_from([16, 32, 64, 128]), d1_full=st.booleans(), sink=st.integers(0, 1),
+       decay=st.sampled_from([1.0, 0.2]), thr=st.sampled_from([16, 128]))
+def test_every_query_attends_its_whole_frame(frames, height, width, text, block, d1_full, sink, decay, thr):
+    """Spec §2.2a on the token mask: own frame, sink frames and (d1_full) adjacent frames are attended whole."""
+    layout = layout_of(frames, height, width, *text)
+    pattern = radial_pattern(layout, decay=decay, block_size=block, sink_frames=sink, d1_full=d1_full,
+                             decimation_threshold=thr)
+    dense = pattern.to_dense()[0, 0]
+    required = _whole_frames(layout, sink, d1_full)
+    assert bool(dense[required].all()), "a query misses keys of a frame the design attends whole"
+    assert bool(dense.any(1).all())
+
+
+def _worst_coverage(layout: TokenLayout, pattern: BlockPattern, reach: int) -> float:
+    """Over all query blocks holding tokens of frame i and key frames j with |i - j| <= reach: the smallest
+    fraction of frame j's keys inside the query block's kept blocks (block-level, for sequences too long to expand)."""
+    block = pattern.block_q
+    kept = pattern.block_bitmap()[0, 0].to(torch.float64)
+    s, worst = layout.tokens_per_frame, 1.0
+    for i in range(layout.frames):
+        a, b = _frame_span(layout, i)
+        rows = kept[a // block:(b - 1) // block + 1]
+        for j in range(max(0, i - reach), min(layout.frames, i + reach + 1)):
+            keys = radial_module._tokens_per_block(kept.shape[0], block, *_frame_span(layout, j)).to(torch.float64)
+            worst = min(worst, float((rows @ keys).min()) / s)
+    return worst
+
+
+PUBLISHED = [  # model, frames, height, width (the families' published sizes; docs/benchmarks.md has the table)
+    ("wan", 81, 480, 832), ("wan", 69, 768, 1280), ("hunyuan", 117, 768, 1280), ("hunyuan", 129, 720, 1280),
+    ("cogvideox", 49, 480, 720), ("cogvideox", 81, 768, 1360), ("ltx", 161, 480, 704), ("ltx", 121, 512, 704),
+    ("mochi", 163, 480, 848),
+]
+
+
+@pytest.mark.parametrize("block", [64, 128])
+@pytest.mark.parametrize("model,frames,height,width", PUBLISHED)
+def test_published_geometries_cover_own_and_adjacent_frames(model, frames, height, width, block):
+    geometry = MODEL_GEOMETRY[model]
+    layout = geometry.layout(frames, height, width)
+    pattern = radial_pattern(layout, block_size=block, sink_frames=geometry.sink_frames)
+    assert _worst_coverage(layout, pattern, reach=1) == 1.0
+    literal = radial_pattern(layout, block_size=block, sink_frames=geometry.sink_frames, literal=True)
+    aligned = layout.video_start % block == 0 and layout.tokens_per_frame % block == 0
+    if aligned:
+        assert torch.equal(literal.block_bitmap(), pattern.block_bitmap())
+    else:  # the corrected rule only adds blocks to upstream's
+        assert bool((pattern.block_bitmap() >= literal.block_bitmap()).all())
+
+
+def test_literal_mask_misses_own_frame_where_frames_spill():
+    """The upstream defect the default rule fixes (spec §2.2a): CogVideoX 1.5 at 81x768x1360, text first."""
+    layout = MODEL_GEOMETRY["cogvideox"].layout(81, 768, 1360)
+    literal = radial_pattern(layout, block_size=128, sink_frames=1, literal=True)
+    assert _worst_coverage(layout, literal, reach=0) < 0.5
+    with pytest.raises(ValueError, match="literal"):
+        radial_pattern(layout, literal=1)

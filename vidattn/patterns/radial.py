@@ -7,20 +7,23 @@ Frames ``i, j`` at distance ``d = |i - j|`` keep the token band ``|k - l| <= w(d
     pair kept iff d <= 1, or w0 = P / 2**bl(d) >= THR, or d % int(THR / w0) == 0
     key frames j < sink_frames: the whole s x s pair is kept
 
-Each pair's token mask, placed at its frame's offset inside its first block, is shrunk to blocks by the density vote
-``#(cols with > 1/3 of the rows kept) / #(cols with any row kept) > 0.6`` and OR-ed into the ``ceil(S/B)`` grid; text
-rows and columns (and the blocks they share with video) are dense.
+Each pair's token mask is shrunk to blocks by the density vote ``#(cols with > 1/3 of the rows kept) / #(cols with
+any row kept) > 0.6`` and OR-ed into the ``ceil(S/B)`` grid; text rows and columns (and the blocks they share with
+video) are dense.
 
-Two rules beyond upstream, which used ``floor(S/B)`` blocks and so never had a ragged block:
-- the ragged last block votes over the rows that exist (``S - (nb - 1) * B``), not ``B``: otherwise a tail of fewer
-  than ``B/3`` tokens is dropped from every pair and its queries attend nothing (e.g. Wan 720p x 161 frames: 16);
-- a query block row still empty (frames of fewer than ``B/3`` tokens, the last frame's tokens spilling past its
-  tiles) keeps its diagonal block, so every query attends at least its own block. A no-op when no row is empty.
+Upstream (``literal=True``) votes on ``ceil(s/B)`` tiles counted from the frame's first block and divides by ``B``
+rows, as if every frame started on a block edge. When a frame starts inside a block (text first, as CogVideoX, or
+``s`` not a multiple of ``B``), the block its tokens spill into is never voted for, so some queries miss keys of
+their own frame (spec §2.2a: 0 % of it for CogVideoX at 81x768x1360). The default rule votes on the tokens' real
+positions: every block the pair's tokens touch, dividing by the frame's own rows in that block. A pair kept whole
+(its own frame, ``d1_full`` neighbours, sink frames) therefore keeps every block it touches: each query attends all
+keys of those frames at any alignment, and no query block row is ever empty. On block-aligned frames (Wan and
+HunyuanVideo at their published sizes) both rules give the same mask.
 
 The vote is computed analytically: for a band, the rows kept in a canvas column form an interval intersection, so
 ``count(l) = |[a, b) ∩ [l - w, l + w]|`` and ``{l : count(l) > t}`` is the interval ``[a + t - w, b - t + w - 1]``
 (non-empty only if ``b - a > t`` and ``2w + 1 > t``). A block tile therefore costs O(1) per block, and tiles are
-computed once per distinct (width, row offset, column offset, ragged-row position).
+computed once per distinct (width, row offset, column offset).
 """
 from __future__ import annotations
 
@@ -198,39 +201,42 @@ def _frame_widths(frames: int, s: int, block: int, decay: float, d1_full: bool, 
     return torch.tensor(out, dtype=torch.int64)
 
 
-def _vote_tiles(width: torch.Tensor, ro: torch.Tensor, co: torch.Tensor, tail: torch.Tensor, s: int, block: int,
-                c: int, tail_rows: int) -> torch.Tensor:
+def _vote_tiles(width: torch.Tensor, ro: torch.Tensor, co: torch.Tensor, s: int, block: int, c: int,
+                literal: bool) -> torch.Tensor:
     """bool ``(K, c, c)``: the shrink vote of the band ``|k - l| <= width`` placed at offsets ``(ro, co)``.
 
-    Block ``(bi, bj)`` sees frame rows ``[a, b)`` and frame columns ``[ca, cb)``; a column ``l`` has
+    Tile ``(bi, bj)`` sees frame rows ``[a, b)`` and frame columns ``[ca, cb)``; a column ``l`` has
     ``count(l) = |[a, b) ∩ [l - w, l + w]|`` kept rows, and ``count(l) > t`` exactly on ``[a + t - w, b - t + w - 1]``.
-    ``col_den > 1/3`` is ``count > e // 3`` with ``e`` the block's existing rows (``B``, or ``tail_rows`` in tile row
-    ``tail``); the block is kept iff ``n0 > 0`` and ``n1 / n0 > 0.6``, i.e. ``5 n1 > 3 n0``.
+    ``col_den > 1/3`` is ``count > e // 3`` with ``e`` the rows the vote divides by: ``B`` (``literal``, upstream's
+    canvas) or the frame's own rows in the block, ``b - a``; the block is kept iff ``n0 > 0`` and ``n1 / n0 > 0.6``,
+    i.e. ``5 n1 > 3 n0``. With ``e = b - a`` a full pair (``w >= s``) keeps every block it touches.
     """
     w = width.to(torch.int32)[:, None, None]
-    tile_rows = torch.arange(c, dtype=torch.int32)
-    edges = tile_rows * block
+    edges = torch.arange(c, dtype=torch.int32) * block
     ro, co = ro.to(torch.int32), co.to(torch.int32)
     a = (edges[None, :, None] - ro[:, None, None]).clamp(min=0)
     b = (edges[None, :, None] + block - ro[:, None, None]).clamp(max=s)
     ca = (edges[None, None, :] - co[:, None, None]).clamp(min=0)
     cb = (edges[None, None, :] + block - co[:, None, None]).clamp(max=s)
     rows = b - a
-    existing = torch.where(tile_rows[None, :] == tail[:, None], tail_rows, block).to(torch.int32)[:, :, None]
 
     def columns_over(t: torch.Tensor | int) -> torch.Tensor:
         n = (torch.minimum(b + (w - t), cb) - torch.maximum(a - (w - t), ca)).clamp(min=0)
         return n * ((rows > t) & (2 * w + 1 > t))
 
-    n0, n1 = columns_over(0), columns_over(existing // 3)
+    n0, n1 = columns_over(0), columns_over(block // 3 if literal else rows.clamp(min=0) // 3)
     return (n0 > 0) & (5 * n1 > 3 * n0)
 
 
 def _or_into(x: torch.Tensor, dest: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    """OR the slices of ``x`` along ``dim`` into ``size`` slots (slice ``r`` goes to ``dest[r]``, non-decreasing).
+    """OR the slices of ``x`` along ``dim`` into ``size`` slots (slice ``r`` goes to ``dest[r]``; ``dest >= size``
+    is dropped).
 
-    One gather of each slot's first source, then OR-ing the few later sources (frames sharing a boundary block).
+    Sorted by destination, then one gather of each slot's first source and OR-ing the few later sources (frames
+    sharing a boundary block).
     """
+    dest, order = torch.sort(dest, stable=True)
+    x = x.index_select(dim, order)
     slots = torch.arange(size)
     lo = torch.searchsorted(dest, slots)
     count = torch.searchsorted(dest, slots, right=True) - lo
@@ -243,30 +249,29 @@ def _or_into(x: torch.Tensor, dest: torch.Tensor, size: int, dim: int) -> torch.
     return out
 
 
-def _radial_bitmap(layout: TokenLayout, decay: float, block: int, sink: int, d1_full: bool,
-                   threshold: float) -> torch.Tensor:
-    """bool ``(nb, nb)`` block mask of spec §2.2 over ``layout``'s whole sequence."""
+def _radial_bitmap(layout: TokenLayout, decay: float, block: int, sink: int, d1_full: bool, threshold: float,
+                   literal: bool) -> torch.Tensor:
+    """bool ``(nb, nb)`` block mask of spec §2.2 (``literal``) or §2.2a (default) over ``layout``'s sequence.
+
+    Each frame pair votes on tiles counted from its frames' first blocks: ``ceil(s / B)`` of them (upstream, which
+    misses the block a misaligned frame spills into) or every block the frame's tokens touch (ours).
+    """
     f, s = layout.frames, layout.tokens_per_frame
     seq, v0 = layout.seq_len, layout.video_start
-    nb, c = -(-seq // block), -(-s // block)
+    nb = -(-seq // block)
     widths = _frame_widths(f, s, block, decay, d1_full, threshold)
     idx = torch.arange(f)
     pair_w = widths[(idx[:, None] - idx[None, :]).abs()]
     pair_w[:, :sink] = s
     start = v0 + idx * s
     first_block, offset = start // block, start % block
-    # Tile row of the ragged last block (c where the query frame's tiles miss it, or no block is ragged).
-    tail_rows = seq - (nb - 1) * block
-    tail = nb - 1 - first_block
-    tail = torch.where((tail < c) & (tail_rows < block), tail, c)
-    # One tile per distinct (width, tail row, query-frame offset, key-frame offset); offsets take at most B values.
-    key = (((pair_w + 1) * (c + 1) + tail[:, None]) * block + offset[:, None]) * block + offset[None, :]
+    c = -(-s // block) if literal else int(((start + s - 1) // block - first_block).max()) + 1
+    # One tile per distinct (width, query-frame offset, key-frame offset); offsets take at most B values.
+    key = ((pair_w + 1) * block + offset[:, None]) * block + offset[None, :]
     uniq, inverse = torch.unique(key.reshape(-1), return_inverse=True)
-    ro, co = (uniq // block) % block, uniq % block
-    head = uniq // (block * block)
-    tiles = _vote_tiles(head // (c + 1) - 1, ro, co, head % (c + 1), s, block, c, tail_rows)
-    # Frame i's tile rows go to blocks first_block[i] + (0..c-1): non-decreasing, and consecutive frames may share
-    # their boundary block, so scatter by OR-ing the few sources of each block row, then of each column.
+    tiles = _vote_tiles(uniq // (block * block) - 1, (uniq // block) % block, uniq % block, s, block, c, literal)
+    # Frame i's tile rows go to blocks first_block[i] + (0..c-1); consecutive frames may share their boundary
+    # block, so scatter by OR-ing the few sources of each block row, then of each column.
     grid = tiles[inverse].reshape(f, f, c, c).permute(0, 2, 1, 3).reshape(f * c, f * c)
     dest = (first_block[:, None] + torch.arange(c)[None, :]).reshape(-1)
     mask = _or_into(_or_into(grid, dest, nb, 0), dest, nb, 1)
@@ -275,8 +280,6 @@ def _radial_bitmap(layout: TokenLayout, decay: float, block: int, sink: int, d1_
         tb = slice(t0 // block, -(-(t0 + layout.text_tokens) // block))
         mask[tb, :] = True
         mask[:, tb] = True
-    empty = torch.nonzero(~mask.any(1)).flatten()
-    mask[empty, empty] = True
     return mask
 
 
@@ -291,16 +294,16 @@ def _pattern_from_bitmap(bitmap: torch.Tensor, seq: int, block: int) -> BlockPat
 
 
 @lru_cache(maxsize=16)
-def _build(layout: TokenLayout, decay: float, block: int, sink: int, d1_full: bool,
-           threshold: float) -> BlockPattern:
+def _build(layout: TokenLayout, decay: float, block: int, sink: int, d1_full: bool, threshold: float,
+           literal: bool) -> BlockPattern:
     """Build (and log the densities of) the pattern for validated knobs; memoised per (layout, knobs)."""
     began = time.perf_counter()
-    bitmap = _radial_bitmap(layout, decay, block, sink, d1_full, threshold)
+    bitmap = _radial_bitmap(layout, decay, block, sink, d1_full, threshold, literal)
     pattern = _pattern_from_bitmap(bitmap, layout.seq_len, block)
     elapsed = time.perf_counter() - began
-    logger.info("radial mask %dx%dx%d (+%d text) decay=%g block=%d sink=%d d1_full=%s threshold=%g built in %.3f s: %s",
-                layout.frames, layout.height, layout.width, layout.text_tokens, decay, block, sink, d1_full,
-                threshold, elapsed, _stats_from_bitmap(layout, bitmap, block))
+    logger.info("radial mask %dx%dx%d (+%d text) decay=%g block=%d sink=%d d1_full=%s threshold=%g%s built in %.3f s: "
+                "%s", layout.frames, layout.height, layout.width, layout.text_tokens, decay, block, sink, d1_full,
+                threshold, " literal" if literal else "", elapsed, _stats_from_bitmap(layout, bitmap, block))
     return pattern
 
 
@@ -312,7 +315,7 @@ def _check_real(name: str, value: object, accepted: str) -> float:
 
 def radial_pattern(layout: TokenLayout, *, decay: float = 1.0, block_size: int = 128,
                    sink_frames: Optional[int] = None, d1_full: bool = True,
-                   decimation_threshold: float = 128) -> BlockPattern:
+                   decimation_threshold: float = 128, literal: bool = False) -> BlockPattern:
     """Radial Attention's block pattern (spec §2.2) over ``layout``'s whole sequence ``S = video + text``.
 
     ``ceil(S / block_size)`` blocks per side (the ragged tail is kept); text rows/columns are dense. ``decay`` in
@@ -321,8 +324,9 @@ def radial_pattern(layout: TokenLayout, *, decay: float = 1.0, block_size: int =
     (else half width); ``decimation_threshold`` (> 0, tokens) is the un-decayed width below which only every
     ``int(THR / w0)``-th frame distance is kept. Cached per (layout without text validity, knobs).
 
-    Beyond upstream (see the module docstring): the ragged last block votes over its existing rows, and a query block
-    row left empty keeps its diagonal block. Both are no-ops when ``S % B == 0`` and no row is empty.
+    By default the votes are taken on the tokens' real positions (spec §2.2a), so every query attends all keys of its
+    own frame, of the sink frames and (``d1_full``) of the adjacent frames at any alignment; ``literal=True`` gives
+    upstream's exact mask (spec §2.2), for parity tests. Both agree when every frame starts on a block edge.
     """
     if not isinstance(layout, TokenLayout):
         raise ValueError(f"layout must be a TokenLayout, got {type(layout).__name__}")
@@ -337,4 +341,6 @@ def radial_pattern(layout: TokenLayout, *, decay: float = 1.0, block_size: int =
         raise ValueError(f"sink_frames must be an integer in [0, frames={layout.frames}], got {sink_frames!r}")
     if not isinstance(d1_full, bool):
         raise ValueError(f"d1_full must be True or False, got {d1_full!r}")
-    return _build(layout.without_valid(), decay, block_size, sink, d1_full, threshold)
+    if not isinstance(literal, bool):
+        raise ValueError(f"literal must be True or False, got {literal!r}")
+    return _build(layout.without_valid(), decay, block_size, sink, d1_full, threshold, literal)
