@@ -1,7 +1,6 @@
 """``vidattn.apply`` / ``vidattn.remove``: install a processor on a pipeline (or a transformer) and undo it."""
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -11,21 +10,81 @@ from .context import StepContext
 from .models import ModelAdapter, adapter_for_transformer
 from .processors.base import SparseAttentionProcessor
 
-__all__ = ["apply", "remove", "installed", "Installation"]
+__all__ = ["apply", "remove", "installed", "Installation", "StepHook"]
 
-_INSTALLED: "weakref.WeakKeyDictionary[nn.Module, Installation]" = weakref.WeakKeyDictionary()
+_ATTR = "_vidattn_installation"  # on each transformer: its _TransformerChanges (a plain attribute, not state_dict)
 
 
-@dataclass
+class StepHook:
+    """The forward pre-hook :func:`apply` registers: fills ``context`` from each transformer call.
+
+    A plain object (not a closure), so it pickles and deep-copies with the transformer; a deep copy's hook fills
+    the copy's context, the one the copy's processors read.
+    """
+
+    def __init__(self, adapter: ModelAdapter, context: StepContext) -> None:
+        self.adapter = adapter
+        self.context = context
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.context.observe(self.adapter.timestep(args, kwargs), self.adapter.grid(module, args, kwargs))
+
+
+@dataclass(eq=False)
 class Installation:
-    """What :func:`apply` changed, so that :func:`remove` can restore it exactly."""
+    """What :func:`apply` changed, so that :func:`remove` can restore it exactly.
+
+    Each transformer holds its own part (:class:`_TransformerChanges`), so a pickled or deep-copied transformer
+    carries its installation (and not the other expert of a Wan 2.2 pipeline). An ``Installation`` pickled or
+    copied on its own has no transformers.
+    """
 
     processor: SparseAttentionProcessor
     context: StepContext
     stats: Any = None
-    transformers: list = field(default_factory=list)
+    parts: list[_TransformerChanges] = field(default_factory=list, repr=False)  # one per transformer
+
+    @property
+    def transformers(self) -> list[nn.Module]:
+        return [part.transformer for part in self.parts]
+
+    @property
+    def originals(self) -> list:
+        """``(adapter, module, original processor)`` for every replaced processor."""
+        return [entry for part in self.parts for entry in part.originals]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "parts": []}  # rebuilt by the parts that are pickled or copied
+
+
+@dataclass(eq=False)
+class _TransformerChanges:
+    """What :func:`apply` changed on one transformer: the replaced processors and the id of its :class:`StepHook`.
+
+    Hooks are removed by id (a ``RemovableHandle`` keeps a weak reference to the original's hook dict, so it would
+    not act on a copy).
+    """
+
+    installation: Installation = field(repr=False)
+    transformer: nn.Module = field(repr=False)
     originals: list = field(default_factory=list)  # (adapter, module, original processor)
-    hooks: list = field(default_factory=list)
+    hook_id: Optional[int] = None
+
+    def __setstate__(self, state: dict) -> None:  # unpickled or deep-copied: join the copied installation
+        self.__dict__.update(state)
+        self.installation.parts.append(self)
+
+    def undo(self) -> None:
+        for adapter, module, original in reversed(self.originals):
+            adapter.set_processor(module, original)
+        self.originals.clear()
+        t = self.transformer
+        if self.hook_id is not None:
+            t._forward_pre_hooks.pop(self.hook_id, None)
+            t._forward_pre_hooks_with_kwargs.pop(self.hook_id, None)
+            self.hook_id = None
+        if vars(t).get(_ATTR) is self:
+            del vars(t)[_ATTR]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -44,13 +103,6 @@ def _transformers(target: Any) -> list[nn.Module]:
     return found
 
 
-def _step_hook(adapter: ModelAdapter, context: StepContext):
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        context.observe(adapter.timestep(args, kwargs), adapter.grid(module, args, kwargs))
-
-    return hook
-
-
 def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
     """Install ``processor`` on every self-attention layer of the pipeline's transformer(s).
 
@@ -63,48 +115,46 @@ def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
         raise TypeError(f"processor must be a vidattn SparseAttentionProcessor, got {type(processor).__name__}")
     transformers = _transformers(target)
     for t in transformers:
-        if t in _INSTALLED:
-            remove(t)
+        remove(t)
     context = StepContext(pipeline=None if isinstance(target, nn.Module) else target)
     processor.reset_state()  # fresh stats and caches for this installation, shared by its per-layer copies
-    inst = Installation(processor=processor, context=context, stats=processor.stats, transformers=transformers)
+    inst = Installation(processor=processor, context=context, stats=processor.stats)
     try:
         for t in transformers:
+            part = _TransformerChanges(inst, t)
+            inst.parts.append(part)
             adapter = adapter_for_transformer(t)
             for layer, (_, module) in enumerate(adapter.self_attention_modules(t)):
-                inst.originals.append((adapter, module, adapter.get_processor(module)))
+                part.originals.append((adapter, module, adapter.get_processor(module)))
                 adapter.set_processor(module, processor.for_layer(layer, context, adapter))
-            inst.hooks.append(t.register_forward_pre_hook(_step_hook(adapter, context), with_kwargs=True))
+            part.hook_id = t.register_forward_pre_hook(StepHook(adapter, context), with_kwargs=True).id
     except Exception:
         _undo(inst)
         raise
-    for t in transformers:
-        _INSTALLED[t] = inst
+    for part in inst.parts:
+        setattr(part.transformer, _ATTR, part)
     processor.context = context
     return inst
 
 
 def _undo(inst: Installation) -> None:
-    for adapter, module, original in reversed(inst.originals):
-        adapter.set_processor(module, original)
-    for handle in inst.hooks:
-        handle.remove()
-    inst.originals.clear()
-    inst.hooks.clear()
+    for part in reversed(inst.parts):  # parts stay listed (``transformers``); their changes are emptied
+        part.undo()
     inst.processor.context = None
 
 
 def remove(target: Any) -> None:
-    """Restore the processors that were there before :func:`apply` and remove its hooks (no-op if none)."""
+    """Restore the processors that were there before :func:`apply` and remove its hooks (no-op if none).
+
+    Works on pickled and deep-copied transformers and pipelines too, touching only the copy.
+    """
     for t in _transformers(target):
-        inst = _INSTALLED.pop(t, None)
-        if inst is None:
-            continue
-        for other in inst.transformers:
-            _INSTALLED.pop(other, None)
-        _undo(inst)
+        inst = installed(t)
+        if inst is not None:
+            _undo(inst)
 
 
 def installed(target: Any) -> Optional[Installation]:
     """The current installation on the pipeline's (first) transformer, if any."""
-    return _INSTALLED.get(_transformers(target)[0])
+    part = vars(_transformers(target)[0]).get(_ATTR)
+    return None if part is None else part.installation

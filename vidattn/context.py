@@ -1,6 +1,7 @@
 """StepContext: the per-forward facts a processor needs and diffusers does not pass to it."""
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -20,6 +21,10 @@ class StepContext:
     timesteps cast to bf16). Without one, steps are counted: calls with the same timestep are CFG branches of one
     step (``branch`` 0, 1, ...), a move in the schedule's direction (decreasing for most models, increasing for
     Mochi; learnt from the first two values) is the next step, and a move against it starts a new generation.
+
+    The pipeline is held weakly. Pickling drops it, and so does a deep copy unless the pipeline is copied along
+    (then the copy refers to the copied pipeline): such a context counts steps (``num_steps`` unknown, so
+    ``dense_last_steps`` is ignored) until the processor is applied again.
     """
 
     pipeline: Any = None
@@ -36,6 +41,13 @@ class StepContext:
     def __post_init__(self) -> None:
         if self.pipeline is not None and not isinstance(self.pipeline, weakref.ref):
             self.pipeline = weakref.ref(self.pipeline)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "pipeline": None}
+
+    def __deepcopy__(self, memo: dict) -> StepContext:
+        pipe = self.pipeline() if self.pipeline is not None else None
+        return dataclasses.replace(self, pipeline=None if pipe is None else memo.get(id(pipe)))
 
     @property
     def scheduler(self) -> Any:
