@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 
 from .epilogue import Epilogue
+from .graph_op import graph_sparse_attention, register_eager
 from .pattern import BlockPattern
 
 __all__ = ["sparse_attention", "available_backends", "choose_backend", "BACKENDS"]
@@ -111,7 +112,13 @@ def sparse_attention(
     handled as strided views, no copy). ``scale`` defaults to ``D ** -0.5``. Returns the output in the input layout,
     and with ``return_lse`` also the natural-log log-sum-exp ``(B, H, S_q)`` in fp32 (``-inf`` for a query that
     attends to nothing; its output is 0). ``epilogue`` applies ``out * scale[q_block] + bias[q_block]``.
+
+    Inside ``torch.compile`` the call is one opaque op (``kernels/graph_op.py``): build the pattern outside the
+    compiled region; the op runs this function eagerly.
     """
+    if torch.compiler.is_compiling():
+        return graph_sparse_attention(q, k, v, pattern, scale=scale, return_lse=return_lse, backend=backend,
+                                      layout=layout, epilogue=epilogue)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if layout not in _LAYOUTS:
@@ -134,3 +141,6 @@ def sparse_attention(
     if layout == "bshd":
         out = out.transpose(1, 2)
     return (out, lse) if return_lse else out
+
+
+register_eager(sparse_attention)

@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .graph_op import PatternHandle
+
 __all__ = ["BlockPattern"]
 
 Predicate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -84,6 +86,18 @@ class BlockPattern:
         self._cache: dict = {}
         # What depends on the block structure alone (density, backend call plans): shared with with_kv_lens copies.
         self._structure: dict = {}
+        # This pattern as an input of compiled graphs (made here, outside any graph: see graph_op.py).
+        self.graph_handle = PatternHandle(self)
+
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied without the graph handle (a weak reference); the copy makes its own."""
+        state = self.__dict__.copy()
+        state.pop("graph_handle", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.graph_handle = PatternHandle(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
