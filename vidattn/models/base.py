@@ -22,6 +22,12 @@ class ModelAdapter:
     """
 
     name: str = ""
+    #: the family's name in messages and the class of its drop-in pipeline in ``vidattn.pipelines`` ("" if none)
+    title: str = ""
+    pipeline_class: str = ""
+    #: why a processor without step context may get no layout from this family's rotary embedding, by
+    #: :meth:`SparseAttentionProcessor.cached_rope_layout` status ("missing": none passed, "unreadable": refused)
+    rope_caveats: dict[str, str] = {}
     timestep_position: int = 1
     transformer_classes: tuple[str, ...] = ()
     attention_classes: tuple[str, ...] = ()
@@ -100,6 +106,34 @@ class ModelAdapter:
         if norms[1] is not None:
             key = norms[1](key)
         return query, key, value
+
+    def no_layout_message(self, processor, rope_status: Optional[str]) -> str:
+        """The once-per-processor warning for calls that run dense because no token layout is known: which family,
+        why, and how to install the processor so that the grid comes from the transformer's inputs."""
+        title = self.title or self.name or "this model"
+        ctx = processor.context
+        if ctx is not None and ctx.grid is not None:
+            return (f"vidattn: {title} attention: this call's attention mask cannot be expressed as a token layout; "
+                    f"such calls run dense (dense reason 'no token layout' in the processor's stats).")
+        if rope_status == "missing":
+            why = "the attention call got no rotary embedding to read the token grid from"
+        elif rope_status == "unreadable":
+            why = "its rotary embedding does not determine the token grid"
+        else:
+            why = "this call's attention mask cannot be expressed as a token layout"
+        caveat = self.rope_caveats.get(rope_status or "")
+        if caveat:
+            why += f" ({caveat})"
+        if ctx is None:
+            pipeline = f"vidattn.pipelines.{self.pipeline_class}" if self.pipeline_class else \
+                "a vidattn.pipelines drop-in pipeline"
+            return (f"vidattn: {title} attention: {why}, and a processor installed with set_attn_processor (or "
+                    f"assigned to .processor) sees only the attention module, not the transformer's inputs. These "
+                    f"calls run dense (dense reason 'no token layout' in the processor's stats). Install it with "
+                    f"vidattn.apply(pipe, processor), or load the pipeline as {pipeline} and call "
+                    f"pipe.set_attn_processor(processor).")
+        return (f"vidattn: {title} attention: the transformer's forward inputs gave no token grid and {why}; these "
+                f"calls run dense (dense reason 'no token layout' in the processor's stats).")
 
     def context_layout(self, processor) -> Optional[TokenLayout]:
         """The video layout from the processor's step context, if it has one."""

@@ -23,6 +23,13 @@ __all__ = ["CogVideoXAdapter"]
 
 class CogVideoXAdapter(ModelAdapter):
     name = "cogvideox"
+    title = "CogVideoX"
+    pipeline_class = "CogVideoXPipeline"
+    rope_caveats = {
+        "missing": "CogVideoX models without rotary embeddings, such as CogVideoX-2b with "
+                   "use_rotary_positional_embeddings=False, pass none",
+        "unreadable": "at some resolutions CogVideoX's RoPE crop gives two rows or columns the same position",
+    }
     timestep_position = 2
     transformer_classes = ("CogVideoXTransformer3DModel",)
     attention_classes = ("Attention",)

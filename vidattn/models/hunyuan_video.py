@@ -43,6 +43,8 @@ def _valid_text(attention_mask: Optional[torch.Tensor], batch: int, video_len: i
 
 class HunyuanVideoAdapter(ModelAdapter):
     name = "hunyuan"
+    title = "HunyuanVideo"
+    pipeline_class = "HunyuanVideoPipeline"
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
     attention_classes = ("Attention",)
 

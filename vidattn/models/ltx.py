@@ -48,6 +48,8 @@ def ltx_rope_layout(rotary_emb: Any, seq_len: int) -> Optional[TokenLayout]:
 
 class LTXAdapter(ModelAdapter):
     name = "ltx"
+    title = "LTX-Video"
+    pipeline_class = "LTXPipeline"
     timestep_position = 2
     transformer_classes = ("LTXVideoTransformer3DModel",)
     attention_classes = ("LTXAttention",)

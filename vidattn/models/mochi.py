@@ -81,6 +81,12 @@ def mochi_rope_layout(rotary_emb: Any, seq_len: int, tol: float = 1e-3) -> Optio
 
 class MochiAdapter(ModelAdapter):
     name = "mochi"
+    title = "Mochi"
+    pipeline_class = "MochiPipeline"
+    rope_caveats = {
+        "unreadable": "an untrained Mochi's pos_frequencies are zero or near zero, so its rotary embedding is the "
+                      "identity and carries no grid; a grid one token high or wide cannot be read either",
+    }
     timestep_position = 2
     transformer_classes = ("MochiTransformer3DModel",)
     attention_classes = ("MochiAttention",)

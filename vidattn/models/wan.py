@@ -63,6 +63,8 @@ def wan_rope_layout(rotary_emb: Any, seq_len: int) -> Optional[TokenLayout]:
 
 class WanAdapter(ModelAdapter):
     name = "wan"
+    title = "Wan"
+    pipeline_class = "WanPipeline"
     transformer_classes = ("WanTransformer3DModel",)
     attention_classes = ("WanAttention",)
     self_attention_path = ("blocks", "attn1")

@@ -173,20 +173,44 @@ class SparseAttentionProcessor:
                             lambda: base.with_kv_lens(torch.tensor(lengths, device=q.device)))
 
     def cached_rope_layout(self, rotary_emb: Any, seq_len: int, read_back) -> Optional[TokenLayout]:
-        """``read_back(rotary_emb, seq_len)``, computed once per rotary table (all layers of a forward share it)."""
+        """``read_back(rotary_emb, seq_len)``, computed once per rotary table (all layers of a forward share it).
+
+        The read-back runs under ``torch.no_grad`` on detached tables: a rotary table that carries autograd history
+        (Mochi's comes from the trainable ``pos_frequencies``) would otherwise make the read-back save tensors for
+        backward on a cache miss only, so gradient checkpointing's recomputation (a cache hit) would save fewer
+        tensors than the original forward (``CheckpointError``). Records why no layout came back, for the
+        "no token layout" warning (:meth:`dense_reason`).
+        """
         if rotary_emb is None:
+            self._rope_status = "missing"
             return None
         table = rotary_emb[0] if isinstance(rotary_emb, (tuple, list)) else rotary_emb
         last, layout = self._shared.rope
         if last is not table:
-            layout = read_back(rotary_emb, seq_len)
+            def detach(t: Any) -> Any:
+                return t.detach() if isinstance(t, torch.Tensor) else t
+
+            tables = tuple(map(detach, rotary_emb)) if isinstance(rotary_emb, (tuple, list)) else detach(rotary_emb)
+            with torch.no_grad():
+                layout = read_back(tables, seq_len)
             self._shared.rope = (table, layout)
+        self._rope_status = "unreadable" if layout is None else "read"
         return layout
 
     # ------------------------------------------------------------------ policy
     def dense_reason(self, layout: Optional[TokenLayout]) -> Optional[str]:
-        """Why this call runs dense (``None``: it runs sparse)."""
+        """Why this call runs dense (``None``: it runs sparse). Calls without a token layout are logged once per
+        processor at WARNING, naming the family, why and how to install the processor instead."""
         if layout is None:
+            if "no-layout" not in self._shared.logged:
+                from ..models import ADAPTERS
+
+                family = getattr(self, "_family", None)
+                adapter = self.adapter or next((a for a in ADAPTERS if a.name == family), None)
+                message = adapter.no_layout_message(self, getattr(self, "_rope_status", None)) if adapter else (
+                    "vidattn: no token layout for this call (no step context and no rotary embedding to read it "
+                    "from); running dense. Install the processor with vidattn.apply(pipe, processor).")
+                self.log_once("no-layout", message, logging.WARNING)
             return "no token layout"
         if self.layer_index is not None and self.layer_index < self.dense_layers:
             return "dense layer"
@@ -226,9 +250,6 @@ class SparseAttentionProcessor:
         timed = q.device.type == "cpu"
         start = time.perf_counter() if timed else 0.0
         if reason is not None:
-            if reason == "no token layout":
-                self.log_once("no-layout", "vidattn: no token layout for this call (no step context and no "
-                              "rotary embedding to read it from); running dense.", logging.WARNING)
             out = dense_fn(q, k, v)
             self.stats.record(False, 1.0, time.perf_counter() - start if timed else 0.0, reason)
             return out
