@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from .context import StepContext
@@ -16,18 +17,30 @@ _ATTR = "_vidattn_installation"  # on each transformer: its _TransformerChanges 
 
 
 class StepHook:
-    """The forward pre-hook :func:`apply` registers: fills ``context`` from each transformer call.
+    """The forward pre-hook :func:`apply` registers: prepares each transformer call, outside any compiled graph.
 
-    A plain object (not a closure), so it pickles and deep-copies with the transformer; a deep copy's hook fills
-    the copy's context, the one the copy's processors read.
+    It records the step (:class:`StepContext`), the call's token layout (the adapter's ``call_layout``) and, with
+    ``processor`` (one of the installed per-layer copies: they share knobs and caches), the step's dense reason and
+    the static pattern. Processors then read only these host-side facts, so ``torch.compile(fullgraph=True)`` and
+    diffusers' regional compilation capture the transformer without tracing any of it. A plain object (not a
+    closure), so it pickles and deep-copies with the transformer; a deep copy's hook fills the copy's context.
     """
 
-    def __init__(self, adapter: ModelAdapter, context: StepContext) -> None:
+    def __init__(self, adapter: ModelAdapter, context: StepContext,
+                 processor: Optional[SparseAttentionProcessor] = None) -> None:
         self.adapter = adapter
         self.context = context
+        self.processor = processor
 
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.context.observe(self.adapter.timestep(args, kwargs), self.adapter.grid(module, args, kwargs))
+        adapter, ctx = self.adapter, self.context
+        ctx.observe(adapter.timestep(args, kwargs), adapter.grid(module, args, kwargs))
+        ctx.set_layout(adapter.call_layout(module, args, kwargs))
+        if self.processor is not None:
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+            self.processor.prepare(ctx, device, pattern=adapter.attends_call_layout)
 
 
 @dataclass(eq=False)
@@ -124,10 +137,14 @@ def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
             part = _TransformerChanges(inst, t)
             inst.parts.append(part)
             adapter = adapter_for_transformer(t)
+            first = None
             for layer, (_, module) in enumerate(adapter.self_attention_modules(t)):
                 part.originals.append((adapter, module, adapter.get_processor(module)))
-                adapter.set_processor(module, processor.for_layer(layer, context, adapter))
-            part.hook_id = t.register_forward_pre_hook(StepHook(adapter, context), with_kwargs=True).id
+                copy = processor.for_layer(layer, context, adapter)
+                first = first or copy
+                adapter.set_processor(module, copy)
+            hook = StepHook(adapter, context, first)
+            part.hook_id = t.register_forward_pre_hook(hook, with_kwargs=True).id
     except Exception:
         _undo(inst)
         raise

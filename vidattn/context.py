@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import torch
 
+from .layout import TokenLayout
+
 __all__ = ["StepContext"]
 
 
@@ -32,6 +34,11 @@ class StepContext:
     branch: int = 0
     timestep: Optional[float] = None
     grid: Optional[tuple[int, int, int]] = None
+    #: prepared by the pre-hook for the call in progress (host-side, so compiled graphs read constants):
+    #: the attention layout (``None`` where the adapter cannot tell it from the forward's inputs) and why this step
+    #: runs dense (``None``: sparse)
+    layout: Optional[TokenLayout] = None
+    step_reason: Optional[str] = None
     calls: int = 0
     generations: int = 0
     _last: Optional[float] = field(default=None, repr=False)
@@ -85,6 +92,11 @@ class StepContext:
             self._count(t)
         self._last = t
         self.timestep = t
+
+    def set_layout(self, layout: Optional[TokenLayout]) -> None:
+        """Record this call's layout, keeping the previous object when equal (compiled graphs guard on identity)."""
+        if layout != self.layout:
+            self.layout = layout
 
     def _new_generation(self) -> None:
         self.generations += 1

@@ -135,9 +135,17 @@ class ModelAdapter:
         return (f"vidattn: {title} attention: the transformer's forward inputs gave no token grid and {why}; these "
                 f"calls run dense (dense reason 'no token layout' in the processor's stats).")
 
+    #: whether self-attention runs on :meth:`call_layout`'s whole sequence, so that the pre-hook can prepare its
+    #: pattern (Mochi: no, it attends per sample on the video and that sample's valid text)
+    attends_call_layout: bool = True
+
+    def call_layout(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Optional[TokenLayout]:
+        """The self-attention layout of this transformer call, from its forward inputs (host-side, in the pre-hook):
+        the latent grid, plus the joint text segment in families that have one."""
+        grid = self.grid(transformer, args, kwargs)
+        return None if grid is None else TokenLayout(*grid)
+
     def context_layout(self, processor) -> Optional[TokenLayout]:
-        """The video layout from the processor's step context, if it has one."""
+        """The layout the pre-hook prepared for this call (:meth:`call_layout`), if the processor has a context."""
         ctx = processor.context
-        if ctx is None or ctx.grid is None:
-            return None
-        return TokenLayout(*ctx.grid)
+        return None if ctx is None else ctx.layout

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layout import TextSegment
+from ..layout import TextSegment, TokenLayout
 from .base import ModelAdapter
 from .rope import banded_rope_layout
 
@@ -46,6 +46,14 @@ class CogVideoXAdapter(ModelAdapter):
         p = transformer.config.patch_size
         p_t = transformer.config.patch_size_t or 1
         return x.shape[1] // p_t, x.shape[3] // p, x.shape[4] // p
+
+    def call_layout(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Optional[TokenLayout]:
+        """Grid + the text, first: all of ``encoder_hidden_states`` (CogVideoX has no text mask)."""
+        video = super().call_layout(transformer, args, kwargs)
+        text = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if video is None or text is None:
+            return None
+        return replace(video, text=TextSegment(text.shape[1], "first"))
 
     def process(self, processor, attn: nn.Module, hidden_states: torch.Tensor,
                 encoder_hidden_states: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
@@ -86,10 +94,10 @@ class CogVideoXAdapter(ModelAdapter):
 
         layout = None
         if attention_mask is None:
-            video = self.context_layout(processor) or processor.cached_rope_layout(
-                rotary_emb, seq_len - text_len, banded_rope_layout)
-            if video is not None:
-                layout = replace(video, text=TextSegment(text_len, "first"))
+            layout = self.context_layout(processor)
+            if layout is None or (layout.seq_len, layout.text_tokens) != (seq_len, text_len):
+                video = processor.cached_rope_layout(rotary_emb, seq_len - text_len, banded_rope_layout)
+                layout = None if video is None else replace(video, text=TextSegment(text_len, "first"))
         out = processor.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), layout, dense)
         out = out.reshape(batch, -1, attn.heads * head_dim)
         out = attn.to_out[0](out)

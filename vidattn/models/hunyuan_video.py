@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..layout import TextSegment
+from ..layout import TextSegment, TokenLayout
 from .base import ModelAdapter
 from .rope import banded_rope_layout
 
@@ -75,6 +75,18 @@ class HunyuanVideoAdapter(ModelAdapter):
 
         return ModelAdapter.stock_processor(HunyuanVideoAttnProcessor2_0, processor)
 
+    def call_layout(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Optional[TokenLayout]:
+        """Grid + the text, last: ``encoder_hidden_states``' length, and per sample the first
+        ``encoder_attention_mask.sum()`` tokens valid (the prefix key mask the transformer builds from it)."""
+        video = super().call_layout(transformer, args, kwargs)
+        text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        mask = kwargs.get("encoder_attention_mask", args[3] if len(args) > 3 else None)
+        if video is None or text is None or mask is None:
+            return None
+        length = text.shape[1]
+        valid = tuple(int(v) for v in mask.sum(1).tolist())
+        return replace(video, text=TextSegment(length, "last", None if all(v == length for v in valid) else valid))
+
     def process(self, processor, attn: nn.Module, hidden_states: torch.Tensor,
                 encoder_hidden_states: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
                 rotary_emb: Any) -> Any:
@@ -111,11 +123,12 @@ class HunyuanVideoAdapter(ModelAdapter):
 
         dense = self.dispatcher_dense(processor, attention_mask)
 
-        layout = None
-        usable, valid = _valid_text(attention_mask, query.shape[0], video_len, text_len)
-        if usable:
-            video = self.context_layout(processor) or processor.cached_rope_layout(
-                rotary_emb, video_len, banded_rope_layout)
+        layout = self.context_layout(processor)
+        if layout is not None and (layout.video_tokens, layout.text_tokens) != (video_len, text_len):
+            layout = None  # e.g. image tokens joined to the text: read the grid back instead
+        if layout is None and processor.uses_pattern:
+            usable, valid = _valid_text(attention_mask, query.shape[0], video_len, text_len)
+            video = processor.cached_rope_layout(rotary_emb, video_len, banded_rope_layout) if usable else None
             if video is not None:
                 layout = replace(video, text=TextSegment(text_len, "last", valid))
         out = processor.attend(query, key, value, layout, dense)

@@ -89,6 +89,7 @@ class MochiAdapter(ModelAdapter):
     }
     timestep_position = 2
     transformer_classes = ("MochiTransformer3DModel",)
+    attends_call_layout = False  # per sample: video + that sample's valid text
     attention_classes = ("MochiAttention",)
 
     def grid(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[int, int, int]]:

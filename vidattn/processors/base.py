@@ -91,6 +91,7 @@ class _Shared:
         self.masked: dict = {}
         self.logged: set = set()
         self.rope: tuple = (None, None)
+        self.prepared: Optional[tuple[TokenLayout, BlockPattern]] = None  # the pre-hook's (layout, pattern)
 
 
 def _non_negative_int(name: str, value: Any) -> int:
@@ -106,6 +107,7 @@ class SparseAttentionProcessor:
     _parallel_config = None
     method = "sparse"
     static_pattern = True
+    uses_pattern = True  # False for methods that never run the sparse kernels
     _pattern_cache_size = 16
 
     def __init__(self, *, dense_steps: int = 0, dense_layers: int = 0, dense_last_steps: int = 0,
@@ -117,6 +119,7 @@ class SparseAttentionProcessor:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
         self.layer_index: Optional[int] = None
+        self.dense_layer = False  # layer_index < dense_layers, fixed per copy (compiled blocks share one graph)
         self.context: Optional[StepContext] = None
         self.adapter = None
         self._shared = _Shared()
@@ -133,6 +136,11 @@ class SparseAttentionProcessor:
         return f"{type(self).__name__}({args}{layer})"
 
     @property
+    def family(self) -> Optional[str]:
+        """The model family this processor runs on: its adapter's, or (shared instance) the last module's."""
+        return self.adapter.name if self.adapter is not None else getattr(self, "_family", None)
+
+    @property
     def stats(self) -> ProcessorStats:
         return self._shared.stats
 
@@ -144,11 +152,15 @@ class SparseAttentionProcessor:
         """A copy for one layer: same knobs, shared stats and pattern cache, its own layer index and model adapter."""
         clone = copy.copy(self)
         clone.layer_index = layer_index
+        clone.dense_layer = layer_index < self.dense_layers
         clone.context = context
         clone.adapter = adapter
         return clone
 
     def log_once(self, key: str, message: str, level: int = logging.INFO) -> None:
+        """Log ``message`` the first time ``key`` is seen by this installation (never inside a compiled graph)."""
+        if torch.compiler.is_compiling():
+            return
         if key not in self._shared.logged:
             self._shared.logged.add(key)
             logger.log(level, message)
@@ -159,21 +171,51 @@ class SparseAttentionProcessor:
         raise NotImplementedError
 
     def _pattern_for(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
-        """Static patterns: built once per (layout without text validity, device), then once per set of per-sample
-        key lengths; both caches are bounded."""
+        """The pattern the pre-hook prepared for this layout, else built here (see :meth:`_static_pattern`)."""
+        prepared = self._shared.prepared
+        if prepared is not None and prepared[0] is layout:
+            return prepared[1]
         if not self.static_pattern:
             return self.pattern(layout, q, k)
+        return self._static_pattern(layout, q.device)
+
+    @torch.compiler.disable
+    def _static_pattern(self, layout: TokenLayout, device: torch.device) -> BlockPattern:
+        """Static patterns: built once per (layout without text validity, device), then once per set of per-sample
+        key lengths; both caches are bounded. Host work, so compiled graphs call it eagerly (a graph break; the
+        pre-hook's :meth:`prepare` avoids it)."""
         static = layout.without_valid()
-        base = _bounded_get(self._shared.patterns, (static, q.device), self._pattern_cache_size,
-                            lambda: self.pattern(static, q, k).to(q.device))
+        base = _bounded_get(self._shared.patterns, (static, device), self._pattern_cache_size,
+                            lambda: self.pattern(static, None, None).to(device))
         lengths = layout.key_lengths()
         if lengths is None:
             return base
-        return _bounded_get(self._shared.masked, (layout, q.device), self._pattern_cache_size,
-                            lambda: base.with_kv_lens(torch.tensor(lengths, device=q.device)))
+        return _bounded_get(self._shared.masked, (layout, device), self._pattern_cache_size,
+                            lambda: base.with_kv_lens(torch.tensor(lengths, device=device)))
+
+    def prepare(self, context: StepContext, device: torch.device, pattern: bool = True) -> None:
+        """Host-side facts for the transformer call about to run (called by the pre-hook, outside any graph): the
+        step's dense reason and, with ``pattern``, the static pattern of the context's layout."""
+        context.step_reason = self.step_reason(context)
+        layout = context.layout
+        if not pattern or layout is None or not self.uses_pattern or not self.static_pattern:
+            return
+        prepared = self._shared.prepared
+        if prepared is None or prepared[0] is not layout:
+            self._shared.prepared = (layout, self._static_pattern(layout, device))
 
     def cached_rope_layout(self, rotary_emb: Any, seq_len: int, read_back) -> Optional[TokenLayout]:
-        """``read_back(rotary_emb, seq_len)``, computed once per rotary table (all layers of a forward share it).
+        """``read_back(rotary_emb, seq_len)``, computed once per rotary table (all layers of a forward share it);
+        ``None`` without reading for methods that never use a pattern (so a compiled dense processor has no graph
+        break here). See :meth:`_read_rope_layout`."""
+        if not self.uses_pattern:
+            return None
+        return self._read_rope_layout(rotary_emb, seq_len, read_back)
+
+    @torch.compiler.disable
+    def _read_rope_layout(self, rotary_emb: Any, seq_len: int, read_back) -> Optional[TokenLayout]:
+        """The read-back behind :meth:`cached_rope_layout`: host work on the table's values, so compiled graphs
+        break here (full-graph compilation needs the layout from the pre-hook: ``vidattn.apply``).
 
         The read-back runs under ``torch.no_grad`` on detached tables: a rotary table that carries autograd history
         (Mochi's comes from the trainable ``pos_frequencies``) would otherwise make the read-back save tensors for
@@ -199,23 +241,18 @@ class SparseAttentionProcessor:
 
     # ------------------------------------------------------------------ policy
     def dense_reason(self, layout: Optional[TokenLayout]) -> Optional[str]:
-        """Why this call runs dense (``None``: it runs sparse). Calls without a token layout are logged once per
-        processor at WARNING, naming the family, why and how to install the processor instead."""
+        """Why this call runs dense (``None``: it runs sparse). Reads only facts fixed before the call (the layer's
+        flag, the step context's reason), so compiled graphs specialise on them, not on the step. Calls without a
+        token layout are logged once per processor at WARNING, naming the family, why and how to install the
+        processor instead."""
         if layout is None:
             if "no-layout" not in self._shared.logged:
-                from ..models import ADAPTERS
-
-                family = getattr(self, "_family", None)
-                adapter = self.adapter or next((a for a in ADAPTERS if a.name == family), None)
-                message = adapter.no_layout_message(self, getattr(self, "_rope_status", None)) if adapter else (
-                    "vidattn: no token layout for this call (no step context and no rotary embedding to read it "
-                    "from); running dense. Install the processor with vidattn.apply(pipe, processor).")
-                self.log_once("no-layout", message, logging.WARNING)
+                self.log_once("no-layout", self._no_layout_message(), logging.WARNING)
             return "no token layout"
-        if self.layer_index is not None and self.layer_index < self.dense_layers:
+        if self.dense_layer:
             return "dense layer"
         ctx = self.context
-        if ctx is None or ctx.step < 0:
+        if ctx is None:
             if self.dense_steps or self.dense_last_steps:
                 self.log_once("no-step", "vidattn: dense_steps/dense_last_steps need the step context; install "
                               "with vidattn.apply(pipe, processor) or pipe.set_attn_processor on a vidattn pipeline. "
@@ -223,6 +260,24 @@ class SparseAttentionProcessor:
             if self.layer_index is None and self.dense_layers:
                 self.log_once("no-layer", "vidattn: dense_layers needs per-layer processors (vidattn.apply); "
                               "a single shared instance runs every layer sparse.", logging.WARNING)
+            return None
+        return ctx.step_reason
+
+    def _no_layout_message(self) -> str:
+        from ..models import ADAPTERS
+
+        adapter = self.adapter or next((a for a in ADAPTERS if a.name == self.family), None)
+        return adapter.no_layout_message(self, getattr(self, "_rope_status", None)) if adapter else (
+            "vidattn: no token layout for this call (no step context and no rotary embedding to read it "
+            "from); running dense. Install the processor with vidattn.apply(pipe, processor).")
+
+    def step_reason(self, ctx: StepContext) -> Optional[str]:
+        """Why the step in ``ctx`` runs dense under this processor's knobs (``None``: sparse); host-side, once per
+        transformer call (:meth:`prepare`)."""
+        if ctx.step < 0:
+            if self.dense_steps or self.dense_last_steps:
+                self.log_once("no-step", "vidattn: dense_steps/dense_last_steps need the denoising step; this "
+                              "transformer call passed no timestep. Running it sparse.", logging.WARNING)
             return None
         if ctx.step < self.dense_steps:
             return "dense step"
@@ -238,7 +293,10 @@ class SparseAttentionProcessor:
     # ------------------------------------------------------------------ the attention op
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Optional[TokenLayout],
                dense_fn) -> torch.Tensor:
-        """Attention on BSHD q, k, v: ``dense_fn(q, k, v)`` (the stock path) or the sparse kernels."""
+        """Attention on BSHD q, k, v: ``dense_fn(q, k, v)`` (the stock path) or the sparse kernels.
+
+        Statistics and CPU timings are recorded in eager mode; inside a compiled graph the call only computes.
+        """
         reason = self.dense_reason(layout)
         if reason is None and layout.seq_len != q.shape[1]:
             reason = "sequence length does not match the token layout"
@@ -247,6 +305,10 @@ class SparseAttentionProcessor:
         if reason is None and self._parallel_config is not None:
             raise NotImplementedError("vidattn sparse attention does not support diffusers context parallelism yet; "
                                       "disable it (or use dense_layers/dense_steps to keep those layers dense)")
+        if torch.compiler.is_compiling():
+            if reason is not None:
+                return dense_fn(q, k, v)
+            return sparse_attention(q, k, v, self._pattern_for(layout, q, k), layout="bshd", backend=self.backend)
         timed = q.device.type == "cpu"
         start = time.perf_counter() if timed else 0.0
         if reason is not None:
@@ -267,7 +329,8 @@ class SparseAttentionProcessor:
             from ..models import adapter_for_module
 
             adapter = adapter_for_module(attn)
-        self._family = adapter.name
+            if getattr(self, "_family", None) != adapter.name:
+                self._family = adapter.name
         return adapter.process(self, attn, hidden_states, encoder_hidden_states, attention_mask,
                                rotary_emb if rotary_emb is not None else image_rotary_emb)
 
@@ -294,6 +357,7 @@ class DenseProcessor(SparseAttentionProcessor):
     """Every call through the stock dense path, with vidattn's statistics (the ``dense`` baseline)."""
 
     method = "dense"
+    uses_pattern = False
 
     def dense_reason(self, layout: Optional[TokenLayout]) -> Optional[str]:
         return "dense method"

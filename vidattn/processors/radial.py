@@ -79,7 +79,7 @@ class RadialProcessor(SparseAttentionProcessor):
     def _sink(self, layout: TokenLayout) -> int:
         if self.sink_frames is not None:
             return min(self.sink_frames, layout.frames)
-        family = getattr(self, "_family", "wan")
+        family = self.family or "wan"
         return MODEL_GEOMETRY[family].sink_frames if family in MODEL_GEOMETRY else 1
 
     def pattern(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
