@@ -36,7 +36,7 @@ def _timestep(inputs, value):
     return {**inputs, "timestep": torch.full_like(t, value)}
 
 
-@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+@pytest.mark.parametrize("family", ["wan", "hunyuan", "cogvideox", "ltx"])
 @pytest.mark.parametrize("method", sorted(PROCESSORS))
 def test_fullgraph_compile_equals_eager(family, method):
     model, inputs = _models(family)
@@ -94,5 +94,33 @@ def test_regional_compile_shares_one_graph_across_blocks(family):
         block_classes = len(model._repeated_blocks) if family == "hunyuan" else 1
         assert counters["stats"]["unique_graphs"] <= block_classes
         assert inst.stats.sparse_calls > 0
+    finally:
+        vidattn.remove(model)
+
+
+def test_export_radial_wan_equals_eager():
+    """torch.export (non-strict): the pre-hook reads no step from fake tensors; the sparse op is exported opaque."""
+    model, inputs = _models("wan")
+    inputs = tiny_transformer_inputs("wan", batch=1)
+    inst = vidattn.apply(model, RadialProcessor(block_size=16, decimation_threshold=16))
+    try:
+        eager = run_model(model, inputs)
+        assert inst.stats.sparse_calls == len(model.blocks)
+        with torch.no_grad():
+            program = torch.export.export(model, (), kwargs=inputs)
+        assert max_diff(run_model(program.module(), inputs), eager) <= 1e-5
+    finally:
+        vidattn.remove(model)
+
+
+def test_mochi_plain_compile_equals_eager():
+    """Mochi attends per sample on its valid text (a data-dependent split): plain torch.compile, with graph breaks."""
+    model, inputs = _models("mochi")
+    inst = vidattn.apply(model, RadialProcessor(block_size=16, decimation_threshold=16))
+    try:
+        eager = run_model(model, inputs)
+        assert inst.stats.sparse_calls > 0 and inst.stats.dense_calls == 0
+        compiled = torch.compile(model, backend="aot_eager")
+        assert max_diff(run_model(compiled, inputs), eager) <= 1e-5
     finally:
         vidattn.remove(model)

@@ -35,7 +35,8 @@ class StepHook:
     @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         adapter, ctx = self.adapter, self.context
-        ctx.observe(adapter.timestep(args, kwargs), adapter.grid(module, args, kwargs))
+        exporting = torch.compiler.is_exporting()  # tensors are fake: no step to read, the program is one call
+        ctx.observe(None if exporting else adapter.timestep(args, kwargs), adapter.grid(module, args, kwargs))
         ctx.set_layout(adapter.call_layout(module, args, kwargs))
         if self.processor is not None:
             x = kwargs.get("hidden_states", args[0] if args else None)
