@@ -98,14 +98,15 @@ def test_regional_compile_shares_one_graph_across_blocks(family):
         vidattn.remove(model)
 
 
-def test_export_radial_wan_equals_eager():
+@pytest.mark.parametrize("family", ["wan", "cogvideox", "ltx"])
+def test_export_radial_equals_eager(family):
     """torch.export (non-strict): the pre-hook reads no step from fake tensors; the sparse op is exported opaque."""
-    model, inputs = _models("wan")
-    inputs = tiny_transformer_inputs("wan", batch=1)
+    model = tiny_transformer(family)
+    inputs = tiny_transformer_inputs(family, batch=1)
     inst = vidattn.apply(model, RadialProcessor(block_size=16, decimation_threshold=16))
     try:
         eager = run_model(model, inputs)
-        assert inst.stats.sparse_calls == len(model.blocks)
+        assert inst.stats.sparse_calls == inst.stats.calls > 0
         with torch.no_grad():
             program = torch.export.export(model, (), kwargs=inputs)
         assert max_diff(run_model(program.module(), inputs), eager) <= 1e-5
