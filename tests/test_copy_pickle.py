@@ -151,3 +151,34 @@ def test_wan22_copies_and_pickles_keep_experts_apart():
         vidattn.remove(pipe)
     assert inst.originals == [] and not pipe.transformer._forward_pre_hooks
     assert isinstance(pipe.transformer_2.blocks[0].attn1.processor, WanAttnProcessor)
+
+
+def test_unpickled_hook_id_is_never_reused_and_remove_spares_user_hooks():
+    """In a new process torch counts hook ids from 0 again: a loaded installation must not have its StepHook
+    replaced by the next hook a user registers, nor remove that user's hook (simulated by resetting the counter)."""
+    import io
+
+    from torch.utils.hooks import RemovableHandle
+
+    from vidattn.api import StepHook
+    from vidattn.pipelines.tiny import tiny_transformer
+
+    model = tiny_transformer("wan")
+    vidattn.apply(model, RadialProcessor(block_size=16, decimation_threshold=16))
+    hook_id = next(k for k, h in model._forward_pre_hooks.items() if isinstance(h, StepHook))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    vidattn.remove(model)
+    saved = RemovableHandle.next_id
+    try:
+        RemovableHandle.next_id = hook_id  # a fresh process's counter, reaching the saved id
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        handles = [loaded.register_forward_pre_hook(lambda m, a, k: None, with_kwargs=True) for _ in range(3)]
+        hooks = list(loaded._forward_pre_hooks.values())
+        assert sum(isinstance(h, StepHook) for h in hooks) == 1 and len(hooks) == 4
+        vidattn.remove(loaded)
+        assert all(h.id in loaded._forward_pre_hooks for h in handles)
+        assert not any(isinstance(h, StepHook) for h in loaded._forward_pre_hooks.values())
+    finally:
+        RemovableHandle.next_id = max(RemovableHandle.next_id, saved)

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .context import StepContext
 from .models import ModelAdapter, adapter_for_transformer
@@ -87,16 +88,19 @@ class _TransformerChanges:
     def __setstate__(self, state: dict) -> None:  # unpickled or deep-copied: join the copied installation
         self.__dict__.update(state)
         self.installation.parts.append(self)
+        if self.hook_id is not None:  # in a new process torch counts hook ids from 0: never hand ours out again
+            RemovableHandle.next_id = max(RemovableHandle.next_id, self.hook_id + 1)
 
     def undo(self) -> None:
         for adapter, module, original in reversed(self.originals):
             adapter.set_processor(module, original)
         self.originals.clear()
         t = self.transformer
-        if self.hook_id is not None:
+        hook = t._forward_pre_hooks.get(self.hook_id)
+        if isinstance(hook, StepHook) and hook.context is self.installation.context:
             t._forward_pre_hooks.pop(self.hook_id, None)
             t._forward_pre_hooks_with_kwargs.pop(self.hook_id, None)
-            self.hook_id = None
+        self.hook_id = None
         if vars(t).get(_ATTR) is self:
             del vars(t)[_ATTR]
 
