@@ -91,7 +91,7 @@ class _Shared:
         self.masked: dict = {}
         self.logged: set = set()
         self.rope: tuple = (None, None)
-        self.prepared: Optional[tuple[TokenLayout, BlockPattern]] = None  # the pre-hook's (layout, pattern)
+        self.prepared: Optional[tuple] = None  # the pre-hook's (layout, device, pattern)
 
 
 def _non_negative_int(name: str, value: Any) -> int:
@@ -173,8 +173,8 @@ class SparseAttentionProcessor:
     def _pattern_for(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
         """The pattern the pre-hook prepared for this layout, else built here (see :meth:`_static_pattern`)."""
         prepared = self._shared.prepared
-        if prepared is not None and prepared[0] is layout:
-            return prepared[1]
+        if prepared is not None and prepared[0] is layout and prepared[1] == q.device:
+            return prepared[2]
         if not self.static_pattern:
             return self.pattern(layout, q, k)
         return self._static_pattern(layout, q.device)
@@ -201,8 +201,8 @@ class SparseAttentionProcessor:
         if not pattern or layout is None or not self.uses_pattern or not self.static_pattern:
             return
         prepared = self._shared.prepared
-        if prepared is None or prepared[0] is not layout:
-            self._shared.prepared = (layout, self._static_pattern(layout, device))
+        if prepared is None or prepared[0] is not layout or prepared[1] != device:
+            self._shared.prepared = (layout, device, self._static_pattern(layout, device))
 
     def cached_rope_layout(self, rotary_emb: Any, seq_len: int, read_back) -> Optional[TokenLayout]:
         """``read_back(rotary_emb, seq_len)``, computed once per rotary table (all layers of a forward share it);
