@@ -82,9 +82,10 @@ def strip_rects(strip: np.ndarray, *, q0: int, q_len: int, block_q: int, kv_len:
 def plan_rects(pattern: BlockPattern) -> list[list[list[Rect]]]:
     """Per group (``Bp * Hp``, row-major), per strip, the rectangles covering the pattern's full (non-partial)
     blocks exactly once. Memoised on the pattern (shared with its ``with_kv_lens`` copies)."""
-    key = ("rects",)
-    if key in pattern._structure:
-        return pattern._structure[key]
+    return pattern.memo(("rects",), lambda: _build_rects(pattern))
+
+
+def _build_rects(pattern: BlockPattern) -> list[list[list[Rect]]]:
     bp, hp = pattern.groups
     bitmap = pattern.block_bitmap().cpu()
     if pattern.partial is not None:
@@ -100,5 +101,4 @@ def plan_rects(pattern: BlockPattern) -> list[list[list[Rect]]]:
                 strips.append(strip_rects(strip, q0=r * pattern.block_q, q_len=pattern.q_len,
                                           block_q=pattern.block_q, kv_len=pattern.kv_len, block_kv=pattern.block_kv))
         plans.append(strips)
-    pattern._structure[key] = plans
     return plans

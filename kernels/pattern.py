@@ -260,11 +260,11 @@ class BlockPattern:
 
         Averaged over groups; partial blocks count whole (the kernels compute them and mask inside).
         """
-        if "density" not in self._structure:
+        def build() -> float:
             area = self.block_areas().to(self.device)
             kept = (self.block_bitmap().to(area.dtype) * area).sum((-2, -1)).mean()
-            self._structure["density"] = float(kept) / (self.q_len * self.kv_len)
-        return self._structure["density"]
+            return float(kept) / (self.q_len * self.kv_len)
+        return self.memo(("density",), build)
 
     def keys_per_query(self) -> float:
         """Mean number of keys each query's listed blocks cover."""
@@ -304,6 +304,18 @@ class BlockPattern:
         if self.partial is not None:
             img[self.partial_bitmap()[b, h]] = 128
         return img.cpu()
+
+    # ------------------------------------------------------------------ memoised derivations
+    def memo(self, key: tuple, build: Callable[[], object], *, structural: bool = True) -> object:
+        """``build()`` once per ``key``, memoised on this pattern: the one way backends keep per-pattern plans.
+
+        ``structural=True`` for what depends on the block structure alone (shared with :meth:`with_kv_lens`
+        copies); ``False`` for what also depends on ``kv_lens``.
+        """
+        store = self._structure if structural else self._cache
+        if key not in store:
+            store[key] = build()
+        return store[key]
 
     # ------------------------------------------------------------------ derived patterns
     def to(self, device: torch.device | str) -> "BlockPattern":

@@ -43,9 +43,10 @@ def plan_runs(pattern: BlockPattern) -> list[list[tuple[int, int, tuple[Run, ...
     Runs are maximal sequences of consecutive listed key blocks with the same partial flag, in key tokens (the
     last one clipped to ``kv_len``). Memoised on the pattern.
     """
-    key = ("runs",)
-    if key in pattern._structure:
-        return pattern._structure[key]
+    return pattern.memo(("runs",), lambda: _build_runs(pattern))
+
+
+def _build_runs(pattern: BlockPattern) -> list[list[tuple[int, int, tuple[Run, ...]]]]:
     bp, hp = pattern.groups
     indptr = pattern.indptr.reshape(bp * hp, -1).tolist()
     indices = pattern.indices.reshape(bp * hp, -1).tolist()
@@ -71,7 +72,6 @@ def plan_runs(pattern: BlockPattern) -> list[list[tuple[int, int, tuple[Run, ...
             else:
                 rows.append((q0, q1, run_t))
         plans.append(rows)
-    pattern._structure[key] = plans
     return plans
 
 
@@ -220,9 +220,12 @@ def _ext_program(pattern: BlockPattern, b: int, h: int,
     calls that need a mask (partial blocks; keys past a sample's ``kv_lens``), left to Python. One task per strip of
     one group (``per_head``: of one sample and head, for more tasks than strips), longest first. Memoised on the
     pattern."""
-    key = ("ext", b, h, per_head)
-    if key in pattern._cache:
-        return pattern._cache[key]
+    return pattern.memo(("ext", b, h, per_head), lambda: _build_ext_program(pattern, b, h, per_head),
+                        structural=False)
+
+
+def _build_ext_program(pattern: BlockPattern, b: int, h: int,
+                       per_head: bool) -> tuple[torch.Tensor, torch.Tensor, list[Call]]:
     bp, hp = pattern.groups
     lens = None if pattern.kv_lens is None else pattern.kv_lens.tolist()
     tasks: list[tuple[float, list[list[int]]]] = []
@@ -253,7 +256,6 @@ def _ext_program(pattern: BlockPattern, b: int, h: int,
         flat += calls
     program = (torch.tensor(bounds, dtype=torch.int64).reshape(-1, 2),
                torch.tensor(flat, dtype=torch.int64).reshape(-1, 8), masked)
-    pattern._cache[key] = program
     return program
 
 

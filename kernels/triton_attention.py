@@ -19,8 +19,10 @@ Tiles: a kernel's ``BLOCK_M x BLOCK_N`` tile equals or divides the pattern's ``b
 16..256); a listed block is visited as ``block / tile`` sub-tiles in one flat loop (an unrolled inner loop made the
 backward spill registers on sm_90).
 
-Portability: on CUDA each kernel is wrapped in ``triton.autotune`` over four (tile, ``num_warps``, ``num_stages``)
-configs, keyed on head dim, pattern blocks, predicate use and sequence lengths. Under ``TRITON_INTERPRET=1`` the
+Portability: on CUDA each kernel is wrapped in ``triton.autotune`` over ``KERNEL_CONFIGS`` (tile, ``num_warps``,
+``num_stages``) as fitted to the call by ``fit_configs`` (no config over the device's shared memory), keyed on head
+dim, pattern blocks, predicate use, dtype and power-of-two buckets of the sequence lengths; results persist across
+processes where the installed Triton supports ``cache_results``. Under ``TRITON_INTERPRET=1`` the
 kernels run on CPU tensors with exactly one configuration (tiles = pattern blocks) and no driver query; bf16 is
 upcast to fp32 inside the kernel there (the interpreter's bf16 ``tl.dot`` is wrong). fp32 dots use IEEE precision.
 """
@@ -28,7 +30,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+import inspect
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -39,7 +43,8 @@ from .predicates import WindowPredicate
 from .triton_bwd import bwd_delta_kernel, sparse_bwd_dkdv_kernel, sparse_bwd_dq_kernel
 from .triton_fwd import sparse_fwd_kernel
 
-__all__ = ["MAX_HEAD_DIM", "SUPPORTED_BLOCKS", "triton_sparse_attention"]
+__all__ = ["KERNEL_CONFIGS", "MAX_HEAD_DIM", "SUPPORTED_BLOCKS", "KernelConfig", "fit_configs", "smem_estimate",
+           "triton_sparse_attention"]
 
 SUPPORTED_BLOCKS = (16, 32, 64, 128, 256)
 MAX_HEAD_DIM = 256
@@ -47,52 +52,132 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETING = type(sparse_fwd_kernel).__name__ == "InterpretedFunction"
 
 _TUNED: dict[str, Any] = {}
-_TUNE_KEY = ["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_PRED", "q_len", "kv_len"]
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, sized for head dim <= 128 in bf16/fp16: checked spill-free
-# for sm_90 at d = 128 (the accumulators, fwd M x D, dK/dV 2 x N x D, dQ M x D, live in registers).
-_CONFIGS = {
-    "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 2)],
-    "dkdv": [(64, 64, 8, 1), (64, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3)],
-    "dq": [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 3)],
+# Autotuning keys: head dim, pattern blocks, predicate use, input dtype and the sequence lengths bucketed to powers
+# of two (``tune_q``, ``tune_kv``), so a new resolution of similar size reuses the tuned choice.
+_TUNE_KEY = ["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_PRED", "DOT_PREC", "tune_q", "tune_kv"]
+SMEM_LIMIT_SM90 = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
+
+
+class KernelConfig(NamedTuple):
+    """One launch configuration: tile ``block_m x block_n`` (queries x keys), ``warps``, pipeline ``stages``."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+
+
+# Candidates per kernel, written for head dim <= 128 in bf16/fp16 (``fit_configs`` adapts them to a call). The
+# row tile (fwd, dQ: block_m; dK/dV: block_n, keys on rows) is 128 where the blocks allow, with 8 warps (two
+# warpgroups of 64 rows on sm_90); a row tile of 64 runs on 4 warps.
+KERNEL_CONFIGS: dict[str, tuple[KernelConfig, ...]] = {
+    "fwd": (KernelConfig(128, 64, 8, 2), KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 2),
+            KernelConfig(64, 64, 4, 2)),
+    "dkdv": (KernelConfig(64, 128, 8, 2), KernelConfig(64, 128, 8, 3), KernelConfig(32, 128, 8, 2),
+             KernelConfig(32, 128, 8, 3)),
+    "dq": (KernelConfig(128, 64, 8, 2), KernelConfig(128, 64, 8, 3), KernelConfig(64, 64, 4, 2),
+           KernelConfig(64, 32, 4, 3)),
 }
 
 
-def _fit_configs(configs: list, named_args: dict, **kwargs: Any) -> list:
-    """Clamp each config's tiles to the pattern blocks (powers of two, so they divide them); halve for d > 128
-    and for fp32 inputs; drop duplicates."""
-    meta = {**named_args, **kwargs}
-    shrink = (2 if meta["BLOCK_D"] > 128 else 1) * (2 if meta["DOT_PREC"] == "ieee" else 1)
-    seen, out = set(), []
-    for cfg in configs:
-        m = max(16, min(meta["BLOCK_Q"], cfg.kwargs["BLOCK_M"] // shrink))
-        n = max(16, min(meta["BLOCK_KV"], cfg.kwargs["BLOCK_N"] // shrink))
-        key = (m, n, cfg.num_warps, cfg.num_stages)
-        if key not in seen:
-            seen.add(key)
-            out.append(triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return out
+def smem_estimate(kind: str, cfg: KernelConfig, block_d: int, elt: int) -> int:
+    """Upper estimate of a config's shared memory in bytes: the pipelined tiles (``stages`` copies of the visited
+    pair: k/v, or q/dO for dK/dV), the program's own tile(s) and one ``block_m x block_n`` staging tile (P or dS
+    on its way to the second matrix product)."""
+    m, n = cfg.block_m, cfg.block_n
+    visited, own = (m, n) if kind == "dkdv" else (n, m)
+    own_tiles = 1 if kind == "fwd" else 2
+    return (cfg.stages * 2 * visited + own_tiles * own) * block_d * elt + m * n * elt
+
+
+def fit_configs(kind: str, *, block_q: int, block_kv: int, head_dim: int, dtype: torch.dtype,
+                smem_limit: int = SMEM_LIMIT_SM90) -> list[KernelConfig]:
+    """The launchable configs of ``kind`` for a call: tiles clamped to the pattern blocks (powers of two, so they
+    divide them) and halved for head dims > 128 and fp32 inputs; 4 warps where the row tile is <= 64; stages
+    lowered until :func:`smem_estimate` fits ``smem_limit`` (a config that cannot fit with one stage is dropped);
+    duplicates removed. Never empty: the smallest tiles are the last resort."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    elt = torch.empty((), dtype=dtype).element_size()
+    shrink = (2 if block_d > 128 else 1) * (2 if dtype == torch.float32 else 1)
+    out: list[KernelConfig] = []
+    for cfg in KERNEL_CONFIGS[kind]:
+        m = max(16, min(block_q, cfg.block_m // shrink))
+        n = max(16, min(block_kv, cfg.block_n // shrink))
+        row_tile = n if kind == "dkdv" else m
+        fitted = KernelConfig(m, n, cfg.warps if row_tile > 64 else 4, cfg.stages)
+        while fitted.stages > 1 and smem_estimate(kind, fitted, block_d, elt) > smem_limit:
+            fitted = fitted._replace(stages=fitted.stages - 1)
+        if smem_estimate(kind, fitted, block_d, elt) <= smem_limit and fitted not in out:
+            out.append(fitted)
+    return out or [KernelConfig(16, 16, 4, 1)]
+
+
+def _tune_bucket(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _smem_limit(device: torch.device) -> int:
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    return int(props.get("max_shared_mem", SMEM_LIMIT_SM90))
+
+
+def _prune(kind: str) -> Callable:
+    def prune(configs: list, named_args: dict, **kwargs: Any) -> list:
+        meta = {**named_args, **kwargs}
+        dtype = meta["Q"].dtype
+        limit = _smem_limit(meta["Q"].device)
+        fitted = fit_configs(kind, block_q=meta["BLOCK_Q"], block_kv=meta["BLOCK_KV"], head_dim=meta["HEAD_DIM"],
+                             dtype=dtype, smem_limit=limit)
+        return [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.warps, num_stages=c.stages)
+                for c in fitted]
+    return prune
+
+
+def _autotuned(kind: str, fn: Callable) -> Any:
+    if kind not in _TUNED:
+        configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.warps,
+                                 num_stages=c.stages) for c in KERNEL_CONFIGS[kind]]
+        extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+        _TUNED[kind] = triton.autotune(configs=configs, key=_TUNE_KEY,
+                                       prune_configs_by={"early_config_prune": _prune(kind)}, **extra)(fn)
+    return _TUNED[kind]
 
 
 def _launch(kind: str, fn: Callable, rows: int, bh: int, block_q: int, block_kv: int,
-            tile: tuple[int, int] | None, args: list, meta: dict) -> None:
-    """Launch one kernel over ``ceil(rows / tile) x bh`` programs (tile: BLOCK_N for dkdv, else BLOCK_M).
+            config: KernelConfig | None, args: list, meta: dict) -> None:
+    """Launch one kernel over ``ceil(rows / row tile) x bh`` programs (row tile: BLOCK_N for dkdv, else BLOCK_M).
 
-    Interpreter: one configuration, tiles = pattern blocks. CUDA: ``triton.autotune`` over ``_CONFIGS`` (tiles,
-    warps, stages), unless ``tile`` fixes the tiles (then 4 warps, 2 stages).
+    Interpreter: one configuration, tiles = pattern blocks (at most 128). CUDA: ``triton.autotune`` over
+    :func:`fit_configs`, unless ``config`` fixes the launch.
     """
     axis = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"
-    if INTERPRETING or tile is not None:
-        bm, bn = tile or (min(block_q, 128), min(block_kv, 128))
-        launch_opts = {} if INTERPRETING else {"num_warps": 4, "num_stages": 2}
-        n_tile = bn if kind == "dkdv" else bm
-        fn[(triton.cdiv(rows, n_tile), bh)](*args, BLOCK_M=bm, BLOCK_N=bn, **meta, **launch_opts)
+    if INTERPRETING and config is None:
+        config = KernelConfig(min(block_q, 128), min(block_kv, 128), 4, 1)
+    if config is not None:
+        launch_opts = {} if INTERPRETING else {"num_warps": config.warps, "num_stages": config.stages}
+        row_tile = config.block_n if kind == "dkdv" else config.block_m
+        fn[(triton.cdiv(rows, row_tile), bh)](*args, BLOCK_M=config.block_m, BLOCK_N=config.block_n, **meta,
+                                              **launch_opts)
         return
-    if kind not in _TUNED:
-        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-                   for m, n, w, st in _CONFIGS[kind]]
-        _TUNED[kind] = triton.autotune(configs=configs, key=_TUNE_KEY,
-                                       prune_configs_by={"early_config_prune": _fit_configs})(fn)
-    _TUNED[kind][lambda m: (triton.cdiv(rows, m[axis]), bh)](*args, **meta)
+    _autotuned(kind, fn)[lambda m: (triton.cdiv(rows, m[axis]), bh)](*args, **meta)
+
+
+def _resolve_configs(tile: tuple[int, int] | None, configs: Mapping[str, tuple] | None, block_q: int,
+                     block_kv: int) -> dict[str, KernelConfig | None]:
+    """Per kernel, the fixed launch config of a call (``None``: autotuned / the interpreter's)."""
+    fixed: dict[str, KernelConfig | None] = dict.fromkeys(KERNEL_CONFIGS)
+    if tile is not None:
+        _check_tile(tile, block_q, block_kv)
+        fixed = dict.fromkeys(KERNEL_CONFIGS, KernelConfig(*tile, 4, 2))
+    for kind, cfg in (configs or {}).items():
+        if kind not in KERNEL_CONFIGS:
+            raise ValueError(f"configs keys must be among {sorted(KERNEL_CONFIGS)}, got {kind!r}")
+        cfg = KernelConfig(*cfg)
+        _check_tile((cfg.block_m, cfg.block_n), block_q, block_kv)
+        if cfg.warps not in (1, 2, 4, 8, 16) or cfg.stages < 1:
+            raise ValueError(f"config {cfg} needs warps in (1, 2, 4, 8, 16) and stages >= 1")
+        fixed[kind] = cfg
+    return fixed
 
 
 def _check_tile(tile: tuple[int, int], block_q: int, block_kv: int) -> None:
@@ -132,15 +217,34 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bl
         raise ValueError(f"the triton backend runs on cuda (or cpu under the interpreter), not {dev.type}")
 
 
+def _full_first(pattern: BlockPattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(indices, nfull)``: the pattern's CSR with each row's full entries before its partial ones (order within
+    a row is free for the online softmax) and, in ``indptr``'s shape, each row's count of full entries. Memoised
+    on the pattern; a pattern without partial entries is returned as is (``nfull`` unused)."""
+    def build() -> tuple[torch.Tensor, torch.Tensor]:
+        indptr, indices, partial = pattern.indptr, pattern.indices, pattern.partial
+        if partial is None:
+            return indices, indptr
+        nnz = indices.shape[-1]
+        pos = torch.arange(nnz, device=indices.device).expand_as(indices).contiguous()
+        row = torch.searchsorted(indptr[..., 1:].long().contiguous(), pos, right=True)  # entries past the end: row nq
+        order = torch.sort(row * 2 + partial.to(row.dtype), dim=-1, stable=True).indices
+        counts = torch.zeros_like(indptr)
+        counts[..., :-1] = indptr[..., 1:] - indptr[..., :-1]
+        n_part = torch.zeros_like(indptr, dtype=torch.int64).scatter_add_(-1, row, partial.to(torch.int64))
+        return torch.gather(indices, -1, order).contiguous(), (counts - n_part).to(torch.int32).contiguous()
+    return pattern.memo(("triton_full_first",), build)
+
+
 def _csr_args(pattern: BlockPattern, device: torch.device) -> tuple[list, list]:
-    """Pointer and stride arguments of a pattern's CSR (group strides 0 where the pattern is broadcast)."""
+    """Pointer and stride arguments of a pattern's CSR, full entries first (group strides 0 where the pattern is
+    broadcast)."""
     indptr = pattern.indptr.to(device).contiguous()
-    indices = pattern.indices.to(device).contiguous()
-    partial = indptr if pattern.partial is None else pattern.partial.to(device).contiguous().view(torch.uint8)
+    indices, nfull = (t.to(device) for t in _full_first(pattern))
     bp, hp = pattern.groups
     strides = [indptr.stride(0) if bp > 1 else 0, indptr.stride(1) if hp > 1 else 0,
                indices.stride(0) if bp > 1 else 0, indices.stride(1) if hp > 1 else 0]
-    return [indptr, indices, partial], strides
+    return [indptr, indices, nfull], strides
 
 
 def _common(q: torch.Tensor, pattern: BlockPattern) -> tuple[list, list, dict]:
@@ -182,7 +286,7 @@ def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float, need_lse: bool,
-             epilogue: Epilogue | None, tile: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             epilogue: Epilogue | None, fixed: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     b, h, sq, d = q.shape
     sk = k.shape[2]
     out = _empty_like_layout(q)
@@ -201,8 +305,8 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPa
     ep_strides = list(ep_s.stride())[:3] + list(ep_b.stride())[:4] if epilogue is not None else [0] * 7
     with _device_guard(q):
         args = [q, k, v, out, lse, *csr, *extra, ep_s, ep_b, scale, *_strides(q, k, v, out), *csr_strides,
-                *ep_strides, h, sq, sk, *scalars]
-        _launch("fwd", sparse_fwd_kernel, sq, b * h, pattern.block_q, pattern.block_kv, tile, args,
+                *ep_strides, h, sq, sk, _tune_bucket(sq), _tune_bucket(sk), *scalars]
+        _launch("fwd", sparse_fwd_kernel, sq, b * h, pattern.block_q, pattern.block_kv, fixed["fwd"], args,
                 dict(meta, BLOCK_Q=pattern.block_q, BLOCK_KV=pattern.block_kv, HAS_LSE=need_lse,
                      HAS_EPI=epilogue is not None))
     return out, (lse if need_lse else None)
@@ -210,8 +314,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPa
 
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
               dout: torch.Tensor, dlse: torch.Tensor | None, pattern: BlockPattern, scale: float,
-              epilogue: Epilogue | None, tile: tuple[int, int] | None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              epilogue: Epilogue | None, fixed: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, sq, d = q.shape
     sk = k.shape[2]
     if epilogue is not None:
@@ -236,11 +339,12 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         csr, csr_strides = _csr_args(pattern, q.device)
         meta = dict(meta, BLOCK_Q=pattern.block_q, BLOCK_KV=pattern.block_kv)
         args = [q, k, v, dout, lse, delta, dk, dv, *csr_t, *extra, scale, *common_strides, *_strides(dk, dv),
-                *csr_t_strides, h, sq, sk, *scalars]
-        _launch("dkdv", sparse_bwd_dkdv_kernel, sk, b * h, pattern.block_q, pattern.block_kv, tile, args, meta)
+                *csr_t_strides, h, sq, sk, _tune_bucket(sq), _tune_bucket(sk), *scalars]
+        _launch("dkdv", sparse_bwd_dkdv_kernel, sk, b * h, pattern.block_q, pattern.block_kv, fixed["dkdv"], args,
+                meta)
         args = [q, k, v, dout, lse, delta, dq, *csr, *extra, scale, *common_strides, *_strides(dq),
-                *csr_strides, h, sq, sk, *scalars]
-        _launch("dq", sparse_bwd_dq_kernel, sq, b * h, pattern.block_q, pattern.block_kv, tile, args, meta)
+                *csr_strides, h, sq, sk, _tune_bucket(sq), _tune_bucket(sk), *scalars]
+        _launch("dq", sparse_bwd_dq_kernel, sq, b * h, pattern.block_q, pattern.block_kv, fixed["dq"], args, meta)
     return dq, dk, dv
 
 
@@ -249,10 +353,10 @@ class _TritonSparseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BlockPattern, scale: float,
-                epilogue: Epilogue | None, tile: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = _forward(q, k, v, pattern, scale, True, epilogue, tile)
+                epilogue: Epilogue | None, fixed: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = _forward(q, k, v, pattern, scale, True, epilogue, fixed)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.pattern, ctx.scale, ctx.epilogue, ctx.tile = pattern, scale, epilogue, tile
+        ctx.pattern, ctx.scale, ctx.epilogue, ctx.fixed = pattern, scale, epilogue, fixed
         ctx.set_materialize_grads(False)
         return out, lse
 
@@ -261,7 +365,7 @@ class _TritonSparseAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.pattern, ctx.scale, ctx.epilogue, ctx.tile)
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, dlse, ctx.pattern, ctx.scale, ctx.epilogue, ctx.fixed)
         return dq, dk, dv, None, None, None, None
 
 
@@ -275,6 +379,7 @@ def triton_sparse_attention(
     return_lse: bool = False,
     epilogue: Epilogue | None = None,
     tile: tuple[int, int] | None = None,
+    configs: Mapping[str, tuple] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Block-sparse attention ``softmax(q k^T * scale + mask) v`` on ``(B, H, S, D)`` tensors (any strides).
 
@@ -282,16 +387,19 @@ def triton_sparse_attention(
     ``(B, H, S_q)`` fp32 natural log when ``return_lse`` (``-inf``, with output 0, for a query with no attended
     key), else ``None``. ``epilogue`` gives ``out * r[q_block] + o[q_block]``. Differentiable in q, k, v (and
     through the LSE). ``tile=(BLOCK_M, BLOCK_N)`` overrides the kernel sub-tiles (powers of two >= 16 dividing
-    the pattern's block sizes); by default they are autotuned on CUDA and equal the blocks when interpreting.
+    the pattern's block sizes) of all three kernels (4 warps, 2 stages); ``configs`` fixes a kernel's whole launch,
+    ``{"fwd" | "dkdv" | "dq": KernelConfig(block_m, block_n, warps, stages)}`` (validation runs use it to launch
+    every config). By default configs are autotuned on CUDA and tiles equal the blocks when interpreting.
     """
     _check_inputs(q, k, v, pattern)
-    if tile is not None:
-        _check_tile(tile, pattern.block_q, pattern.block_kv)
+    fixed = _resolve_configs(tile, configs, pattern.block_q, pattern.block_kv)
     pattern = pattern.to(q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if not scale > 0:
+        raise ValueError(f"the triton backend needs a positive softmax scale, got {scale}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         if epilogue is not None and (epilogue.scale.requires_grad or epilogue.bias.requires_grad):
             raise ValueError("the triton backend does not differentiate the epilogue's scale/bias; detach them")
-        out, lse = _TritonSparseAttention.apply(q, k, v, pattern, scale, epilogue, tile)
+        out, lse = _TritonSparseAttention.apply(q, k, v, pattern, scale, epilogue, fixed)
         return out, (lse if return_lse else None)
-    return _forward(q, k, v, pattern, scale, return_lse, epilogue, tile)
+    return _forward(q, k, v, pattern, scale, return_lse, epilogue, fixed)

@@ -29,9 +29,44 @@ from .triton_common import (
 
 
 @triton.jit
+def dkdv_step(it, dk, dv, keys, rows_ctx, idx_base, qk_scale, win,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+              APPLY_PRED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Flat-loop step ``it`` of the dK/dV program: accumulate the visited query tile's contribution."""
+    k, v, n_ok, key_tail, k_win = keys
+    qdo, lse_base, delta_base, tile_m, offs_d, d_ok, q_len = rows_ctx
+    m0 = sub_tile(it, idx_base, BLOCK_Q, BLOCK_M)
+    m_ok = tile_m < q_len - m0
+    rows = m0 + tile_m
+    q, do = load_tiles(qdo, rows, offs_d, tile_mask(m_ok, d_ok, HEAD_DIM, BLOCK_D), UPCAST)
+    lse2, delta = load_lse_delta(lse_base, delta_base, rows, m_ok)
+    s = tile_scores(k, q, n_ok, key_tail, k_win, rows, win, APPLY_PRED, True, DOT_PREC)
+    p = tl.math.exp2(s * qk_scale - lse2[None, :])
+    dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PREC)
+    dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds = p * (dp - delta[None, :])
+    dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def dq_step(it, dq, q, do, lse2, delta, q_win, kv, idx_base, tile_n, offs_d, d_ok, kv_lim, qk_scale, win,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
+            APPLY_PRED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Flat-loop step ``it`` of the dQ program: accumulate the visited key tile's contribution."""
+    k, v, s = kv_tile_step(it, q, q_win, kv, idx_base, tile_n, offs_d, d_ok, kv_lim, win,
+                           HEAD_DIM, BLOCK_D, BLOCK_KV, BLOCK_N, APPLY_PRED, UPCAST, DOT_PREC)
+    p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
 def sparse_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,
-    Indptr, Indices, Partial, KvLens, RowStart, ColStart,
+    Indptr, Indices, NFull, KvLens, RowStart, ColStart,
     sm_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -40,7 +75,7 @@ def sparse_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dks, stride_dkd,
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     stride_pb, stride_ph, stride_ib, stride_ih,
-    num_heads, q_len, kv_len,
+    num_heads, q_len, kv_len, tune_q, tune_kv,
     video_start, n_video, grid_w, hw, row_len, col_len,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -68,25 +103,23 @@ def sparse_bwd_dkdv_kernel(
            stride_qs, stride_qd, stride_os, stride_od)
     lse_base = Lse + pid_bh.to(tl.int64) * q_len
     delta_base = Delta + pid_bh.to(tl.int64) * q_len
-    start, end, idx_base, part_base = csr_row(Indptr, Indices, Partial, b, h, kblk,
-                                              stride_pb, stride_ph, stride_ib, stride_ih)
+    start, split, end, idx_base = csr_row(Indptr, Indices, NFull, b, h, kblk,
+                                          stride_pb, stride_ph, stride_ib, stride_ih, HAS_PRED)
 
     qk_scale = sm_scale * LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # One flat loop over (listed query block, sub-tile), as in the forward kernel.
-    for it in range(start * (BLOCK_Q // BLOCK_M), end * (BLOCK_Q // BLOCK_M)):
-        e, m0 = sub_tile(it, idx_base, BLOCK_Q, BLOCK_M)
-        m_ok = tile_m < q_len - m0
-        rows = m0 + tile_m
-        q, do = load_tiles(qdo, rows, offs_d, tile_mask(m_ok, d_ok, HEAD_DIM, BLOCK_D), UPCAST)
-        lse2, delta = load_lse_delta(lse_base, delta_base, rows, m_ok)
-        t = tile_scores(k, q, qk_scale, n_ok, key_tail, k_win, rows, part_base + e, win, HAS_PRED, True, DOT_PREC)
-        p = tl.math.exp2(t - lse2[None, :])
-        dv += tl.dot(p.to(do.dtype), do, input_precision=DOT_PREC)
-        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        ds = p * (dp - delta[None, :])
-        dk += tl.dot(ds.to(q.dtype), q, input_precision=DOT_PREC)
+    rows_ctx = (qdo, lse_base, delta_base, tile_m, offs_d, d_ok, q_len)
+    keys = (k, v, n_ok, key_tail, k_win)
+    # Flat loops over (listed query block, sub-tile), as in the forward kernel: full entries, then partial ones.
+    steps = BLOCK_Q // BLOCK_M
+    for it in range(start * steps, split * steps):
+        dk, dv = dkdv_step(it, dk, dv, keys, rows_ctx, idx_base, qk_scale, win,
+                           HEAD_DIM, BLOCK_D, BLOCK_Q, BLOCK_M, False, UPCAST, DOT_PREC)
+    if HAS_PRED:
+        for it in range(split * steps, end * steps):
+            dk, dv = dkdv_step(it, dk, dv, keys, rows_ctx, idx_base, qk_scale, win,
+                               HEAD_DIM, BLOCK_D, BLOCK_Q, BLOCK_M, True, UPCAST, DOT_PREC)
 
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + h64 * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
@@ -98,7 +131,7 @@ def sparse_bwd_dkdv_kernel(
 @triton.jit
 def sparse_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,
-    Indptr, Indices, Partial, KvLens, RowStart, ColStart,
+    Indptr, Indices, NFull, KvLens, RowStart, ColStart,
     sm_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -106,7 +139,7 @@ def sparse_bwd_dq_kernel(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     stride_pb, stride_ph, stride_ib, stride_ih,
-    num_heads, q_len, kv_len,
+    num_heads, q_len, kv_len, tune_q, tune_kv,
     video_start, n_video, grid_w, hw, row_len, col_len,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -132,18 +165,19 @@ def sparse_bwd_dq_kernel(
     q_win = fixed_window_side(offs_m, win, True, HAS_PRED)
     kv = (K + b64 * stride_kb + h64 * stride_kh, V + b64 * stride_vb + h64 * stride_vh,
           stride_ks, stride_kd, stride_vs, stride_vd)
-    start, end, idx_base, part_base = csr_row(Indptr, Indices, Partial, b, h, qblk,
-                                              stride_pb, stride_ph, stride_ib, stride_ih)
+    start, split, end, idx_base = csr_row(Indptr, Indices, NFull, b, h, qblk,
+                                          stride_pb, stride_ph, stride_ib, stride_ih, HAS_PRED)
 
     qk_scale = sm_scale * LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for it in range(start * (BLOCK_KV // BLOCK_N), end * (BLOCK_KV // BLOCK_N)):
-        k, v, t = kv_tile_step(it, q, q_win, kv, idx_base, part_base, tile_n, offs_d, d_ok, kv_lim, qk_scale, win,
-                               HEAD_DIM, BLOCK_D, BLOCK_KV, BLOCK_N, HAS_PRED, UPCAST, DOT_PREC)
-        p = tl.math.exp2(t - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    steps = BLOCK_KV // BLOCK_N
+    for it in range(start * steps, split * steps):
+        dq = dq_step(it, dq, q, do, lse2, delta, q_win, kv, idx_base, tile_n, offs_d, d_ok, kv_lim, qk_scale, win,
+                     HEAD_DIM, BLOCK_D, BLOCK_KV, BLOCK_N, False, UPCAST, DOT_PREC)
+    if HAS_PRED:
+        for it in range(split * steps, end * steps):
+            dq = dq_step(it, dq, q, do, lse2, delta, q_win, kv, idx_base, tile_n, offs_d, d_ok, kv_lim, qk_scale,
+                         win, HEAD_DIM, BLOCK_D, BLOCK_KV, BLOCK_N, True, UPCAST, DOT_PREC)
 
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,

@@ -1,8 +1,9 @@
 """``@triton.jit`` helpers shared by the forward (``triton_fwd.py``) and backward (``triton_bwd.py``) kernels.
 
-They hold what every kernel does per tile: the CSR row walk, tile loads (row/head-dim masks, the interpreter's
-bf16 upcast), the ``kv_lens`` limit and the masked scores ``s = q k^T * scale`` in the log2 domain (``-inf`` at keys
-past the limit and, in entries flagged partial, at pairs failing the window predicate). Triton inlines these
+They hold what every kernel does per tile: the CSR row walk (full entries first, then partial ones), tile loads
+(row/head-dim masks, the interpreter's bf16 upcast), the ``kv_lens`` limit and the masked raw scores ``q k^T``
+(``-inf`` at keys past the limit and, in the loop over partial entries, at pairs failing the window predicate).
+The kernels scale them in the log2 domain with one multiply-add against the running max or the saved LSE. Triton inlines these
 calls, so each kernel keeps its single flat loop over sub-tiles (see triton_attention.py).
 
 Orientation: the forward and dQ kernels hold queries on the tile's rows and visit key tiles; the dK/dV kernel holds
@@ -86,20 +87,24 @@ def kv_limit(kv_len, KvLens, b, HAS_KVLENS: tl.constexpr):
 
 
 @triton.jit
-def csr_row(Indptr, Indices, Partial, b, h, row, stride_pb, stride_ph, stride_ib, stride_ih):
-    """``(start, end, idx_base, part_base)`` of CSR row ``row`` of group ``(b, h)``."""
-    row_ptr = Indptr + b * stride_pb + h * stride_ph + row
-    start = tl.load(row_ptr)
-    end = tl.load(row_ptr + 1)
-    return start, end, Indices + b * stride_ib + h * stride_ih, Partial + b * stride_ib + h * stride_ih
+def csr_row(Indptr, Indices, NFull, b, h, row, stride_pb, stride_ph, stride_ib, stride_ih, HAS_PRED: tl.constexpr):
+    """``(start, split, end, idx_base)`` of CSR row ``row`` of group ``(b, h)``: entries ``[start, split)`` are full
+    blocks, ``[split, end)`` need the predicate (the triton CSR lists a row's full entries first; ``NFull`` shares
+    ``Indptr``'s strides and holds each row's count of full entries). Without a predicate ``split = end``."""
+    row_off = b * stride_pb + h * stride_ph + row
+    start = tl.load(Indptr + row_off)
+    end = tl.load(Indptr + row_off + 1)
+    split = end
+    if HAS_PRED:
+        split = start + tl.load(NFull + row_off)
+    return start, split, end, Indices + b * stride_ib + h * stride_ih
 
 
 @triton.jit
 def sub_tile(it, idx_base, BLOCK: tl.constexpr, TILE: tl.constexpr):
-    """Flat-loop step ``it`` -> ``(entry, first token)``: entry ``it // (BLOCK / TILE)`` of the CSR row, sub-tile
-    ``it % (BLOCK / TILE)`` of its block."""
-    e = it // (BLOCK // TILE)
-    return e, tl.load(idx_base + e) * BLOCK + (it % (BLOCK // TILE)) * TILE
+    """Flat-loop step ``it`` -> first token of sub-tile ``it % (BLOCK / TILE)`` of entry ``it // (BLOCK / TILE)``
+    of the CSR row."""
+    return tl.load(idx_base + it // (BLOCK // TILE)) * BLOCK + (it % (BLOCK // TILE)) * TILE
 
 
 @triton.jit
@@ -140,45 +145,44 @@ def load_lse_delta(Lse, Delta, rows, row_ok):
 
 
 @triton.jit
-def tile_scores(a, b, qk_scale, key_ok, key_tail, fixed, visit_rows, part_ptr, win,
-                HAS_PRED: tl.constexpr, KEYS_ON_ROWS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Masked scores ``a b^T * qk_scale`` of the program's tile ``a`` against a visited tile ``b``.
+def tile_scores(a, b, key_ok, key_tail, fixed, visit_rows, win,
+                APPLY_PRED: tl.constexpr, KEYS_ON_ROWS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Masked raw scores ``a b^T`` (unscaled: callers fold the scale into one multiply-add with the running max) of
+    the program's tile ``a`` against a visited tile ``b``.
 
     ``a`` holds queries and ``b`` keys, or with ``KEYS_ON_ROWS`` ``a`` keys and ``b`` queries. Keys where ``key_ok``
-    is false get ``-inf`` when ``key_tail`` (the tile reaches past the kv limit). With ``HAS_PRED``, an entry whose
-    partial flag (``*part_ptr``) is set masks pairs outside the window: ``fixed`` holds the program's own
-    :func:`window_side` operands; the visited tokens ``visit_rows`` get theirs here, only for partial entries.
+    is false get ``-inf`` when ``key_tail`` (the tile reaches past the kv limit). With ``APPLY_PRED`` (the loop over
+    a row's partial entries) pairs outside the window get ``-inf``: ``fixed`` holds the program's own
+    :func:`window_side` operands, the visited tokens ``visit_rows`` get theirs here.
     """
-    t = tl.dot(a, tl.trans(b), input_precision=DOT_PREC) * qk_scale
+    t = tl.dot(a, tl.trans(b), input_precision=DOT_PREC)
     if key_tail:
         if KEYS_ON_ROWS:
             t = tl.where(key_ok[:, None], t, float("-inf"))
         else:
             t = tl.where(key_ok[None, :], t, float("-inf"))
-    if HAS_PRED:  # noqa: SIM102 (compile-time branch; the inner one is a runtime branch)
-        if tl.load(part_ptr) != 0:
-            f_in, fy, fx = fixed
-            v_in, vy, vx = window_side(visit_rows, win, KEYS_ON_ROWS)
-            row_len = win[6]
-            col_len = win[7]
-            if KEYS_ON_ROWS:
-                keep = window_keep_t(f_in, fy, fx, v_in, vy, vx, row_len, col_len)
-            else:
-                keep = window_keep(f_in, fy, fx, v_in, vy, vx, row_len, col_len)
-            t = tl.where(keep, t, float("-inf"))
+    if APPLY_PRED:
+        f_in, fy, fx = fixed
+        v_in, vy, vx = window_side(visit_rows, win, KEYS_ON_ROWS)
+        row_len = win[6]
+        col_len = win[7]
+        if KEYS_ON_ROWS:
+            keep = window_keep_t(f_in, fy, fx, v_in, vy, vx, row_len, col_len)
+        else:
+            keep = window_keep(f_in, fy, fx, v_in, vy, vx, row_len, col_len)
+        t = tl.where(keep, t, float("-inf"))
     return t
 
 
 @triton.jit
-def kv_tile_step(it, q, fixed, kv, idx_base, part_base, tile_n, offs_d, d_ok, kv_lim, qk_scale, win,
+def kv_tile_step(it, q, fixed, kv, idx_base, tile_n, offs_d, d_ok, kv_lim, win,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_PRED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                 APPLY_PRED: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     """Flat-loop step ``it`` of a query-tile program (forward, dQ): the visited key tile's ``k``, ``v`` (0 past the
-    kv limit; ``kv`` is the :func:`load_tiles` pair) and masked scores ``t`` ``(M, N)`` against ``q``."""
-    e, n0 = sub_tile(it, idx_base, BLOCK_KV, BLOCK_N)
+    kv limit; ``kv`` is the :func:`load_tiles` pair) and masked raw scores ``s`` ``(M, N)`` against ``q``."""
+    n0 = sub_tile(it, idx_base, BLOCK_KV, BLOCK_N)
     n_ok = tile_n < kv_lim - n0
     rows = n0 + tile_n
     k, v = load_tiles(kv, rows, offs_d, tile_mask(n_ok, d_ok, HEAD_DIM, BLOCK_D), UPCAST)
-    t = tile_scores(q, k, qk_scale, n_ok, n0 + BLOCK_N > kv_lim, fixed, rows, part_base + e, win,
-                    HAS_PRED, False, DOT_PREC)
-    return k, v, t
+    s = tile_scores(q, k, n_ok, n0 + BLOCK_N > kv_lim, fixed, rows, win, APPLY_PRED, False, DOT_PREC)
+    return k, v, s

@@ -364,3 +364,74 @@ def test_gpu_backward_8k_dense_reference_bf16():
     kv_lens = torch.tensor([s - 300], device="cuda")
     pattern = band_random_pattern(s, 128, h, 0.3, seed=3, kv_lens=kv_lens)
     check_backward(*make_qkv(3, 1, h, s, s, 128, torch.bfloat16, requires_grad=True), pattern)
+
+
+# ---------------------------------------------------------------------------------------------- launch configs
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("blocks", [(128, 128), (64, 64), (64, 128), (128, 64), (16, 32)])
+def test_fit_configs_are_launchable(kind, head_dim, dtype, blocks):
+    from vidattn.kernels.triton_attention import SMEM_LIMIT_SM90, fit_configs, smem_estimate
+
+    bq, bkv = blocks
+    configs = fit_configs(kind, block_q=bq, block_kv=bkv, head_dim=head_dim, dtype=dtype)
+    assert configs and len(set(configs)) == len(configs)
+    elt = torch.empty((), dtype=dtype).element_size()
+    for c in configs:
+        assert bq % c.block_m == 0 and bkv % c.block_n == 0 and c.block_m >= 16 and c.block_n >= 16
+        row_tile = c.block_n if kind == "dkdv" else c.block_m
+        assert row_tile > 64 or c.warps == 4
+        assert smem_estimate(kind, c, max(16, head_dim), elt) <= SMEM_LIMIT_SM90
+        assert c.stages >= 1
+
+
+def test_fit_configs_keep_128_row_tiles_on_hopper_shapes():
+    from vidattn.kernels.triton_attention import fit_configs
+
+    dkdv = fit_configs("dkdv", block_q=128, block_kv=128, head_dim=128, dtype=torch.bfloat16)
+    dq = fit_configs("dq", block_q=128, block_kv=128, head_dim=128, dtype=torch.bfloat16)
+    assert {(c.block_m, c.block_n, c.warps) for c in dkdv} >= {(64, 128, 8), (32, 128, 8)}
+    assert (128, 64, 8) in {(c.block_m, c.block_n, c.warps) for c in dq}
+    assert any(c.block_m == 64 and c.warps == 4 for c in dq)
+
+
+def test_every_fitted_config_gives_the_same_result():
+    """Each fitted tile shape of each kernel, launched explicitly, matches the reference (forward and backward)."""
+    from vidattn.kernels.triton_attention import KernelConfig, fit_configs
+
+    torch.manual_seed(3)
+    b, h, s, d = 1, 2, 200, 32
+    q, k, v = (torch.randn(b, h, s, d, dtype=torch.float32, requires_grad=True) for _ in range(3))
+    pattern = BlockPattern.from_block_mask(torch.rand(4, 4) < 0.6, q_len=s, kv_len=s, block_q=64)
+    ref_out = reference_attention(q, k, v, pattern)[0]
+    ref_grads = torch.autograd.grad(ref_out.square().sum(), (q, k, v))
+    seen = set()
+    for kind in ("fwd", "dkdv", "dq"):
+        for cfg in fit_configs(kind, block_q=64, block_kv=64, head_dim=d, dtype=torch.float16):
+            tile = (cfg.block_m, cfg.block_n)
+            if (kind, tile) in seen:
+                continue
+            seen.add((kind, tile))
+            out, _ = triton_sparse_attention(q, k, v, pattern, configs={kind: KernelConfig(*tile, 4, 1)})
+            grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+            assert torch.allclose(out, ref_out, atol=1e-5), (kind, tile)
+            for g, rg in zip(grads, ref_grads):
+                assert torch.allclose(g, rg, atol=1e-4), (kind, tile)
+    assert len(seen) >= 5
+
+
+def test_configs_are_validated():
+    q, k, v = _qkv_small()
+    pattern = BlockPattern.full(32, block_q=16)
+    with pytest.raises(ValueError, match="configs keys"):
+        triton_sparse_attention(q, k, v, pattern, configs={"bwd": (16, 16, 4, 1)})
+    with pytest.raises(ValueError, match="dividing the pattern block"):
+        triton_sparse_attention(q, k, v, pattern, configs={"fwd": (32, 16, 4, 1)})
+    with pytest.raises(ValueError, match="warps"):
+        triton_sparse_attention(q, k, v, pattern, configs={"fwd": (16, 16, 3, 1)})
+
+
+def test_rejects_non_positive_scale():
+    with pytest.raises(ValueError, match="positive softmax scale"):
+        triton_sparse_attention(*_qkv_small(), BlockPattern.full(32, block_q=16), scale=0.0)
