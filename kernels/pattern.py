@@ -52,7 +52,29 @@ class BlockPattern:
         partial: Optional[torch.Tensor] = None,
         predicate: Optional[Predicate] = None,
         kv_lens: Optional[torch.Tensor] = None,
+        validate: bool = True,
     ) -> None:
+        if validate:
+            self._validate(q_len, kv_len, block_q, block_kv, indptr, indices, partial, predicate, kv_lens)
+        self.q_len, self.kv_len = q_len, kv_len
+        self.block_q, self.block_kv = block_q, block_kv
+        self.indptr = indptr.to(torch.int32)
+        self.indices = indices.to(torch.int32)
+        self.partial = None if partial is None else partial.to(torch.bool)
+        self.predicate = predicate
+        self.kv_lens = None if kv_lens is None else kv_lens.to(torch.int32, copy=True)  # plans read it once
+        self._cache: dict = {}
+        # What depends on the block structure alone (density, backend call plans): shared with with_kv_lens copies.
+        self._structure: dict = {}
+        # This pattern as an input of compiled graphs (made here, outside any graph: see graph_op.py).
+        self.graph_handle = PatternHandle(self)
+
+    @staticmethod
+    def _validate(q_len: int, kv_len: int, block_q: int, block_kv: int, indptr: torch.Tensor, indices: torch.Tensor,
+                  partial: Optional[torch.Tensor], predicate: Optional[Predicate],
+                  kv_lens: Optional[torch.Tensor]) -> None:
+        """The constructor's checks (host reads of the CSR: skipped with ``validate=False`` for patterns built on
+        an accelerator by trusted code, e.g. :meth:`from_block_mask_on_device`)."""
         for name, value in (("q_len", q_len), ("kv_len", kv_len), ("block_q", block_q), ("block_kv", block_kv)):
             _check_positive(name, value)
         nq = _ceil_div(q_len, block_q)
@@ -76,18 +98,6 @@ class BlockPattern:
         nk = _ceil_div(kv_len, block_kv)
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= nk):
             raise ValueError(f"indices must be key-block ids in [0, {nk}) for kv_len={kv_len}, block_kv={block_kv}")
-        self.q_len, self.kv_len = q_len, kv_len
-        self.block_q, self.block_kv = block_q, block_kv
-        self.indptr = indptr.to(torch.int32)
-        self.indices = indices.to(torch.int32)
-        self.partial = None if partial is None else partial.to(torch.bool)
-        self.predicate = predicate
-        self.kv_lens = None if kv_lens is None else kv_lens.to(torch.int32, copy=True)  # plans read it once
-        self._cache: dict = {}
-        # What depends on the block structure alone (density, backend call plans): shared with with_kv_lens copies.
-        self._structure: dict = {}
-        # This pattern as an input of compiled graphs (made here, outside any graph: see graph_op.py).
-        self.graph_handle = PatternHandle(self)
 
     def __getstate__(self) -> dict:
         """Pickled and deep-copied without the graph handle (a weak reference); the copy makes its own."""
@@ -165,6 +175,35 @@ class BlockPattern:
         return cls(q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, indptr=indptr,
                    indices=indices.reshape(shape), partial=None if part is None else part.reshape(shape),
                    predicate=predicate, kv_lens=kv_lens)
+
+    @classmethod
+    def from_block_mask_on_device(cls, block_mask: torch.Tensor, *, q_len: int, kv_len: int, block_q: int,
+                                  block_kv: Optional[int] = None,
+                                  kv_lens: Optional[torch.Tensor] = None) -> "BlockPattern":
+        """:meth:`from_block_mask` without host synchronisation (for dynamic per-head patterns on a GPU).
+
+        ``block_mask`` is bool ``(Bp, Hp, nq, nk)``. Each row's kept columns are scattered to ``indptr[row] +
+        rank`` in an index array of fixed width ``nq * nk`` (entries past a group's count are 0), so no size
+        depends on the data. The shape facts are checked; the CSR contents are trusted (no host reads).
+        """
+        block_kv = block_q if block_kv is None else block_kv
+        nq, nk = _ceil_div(q_len, block_q), _ceil_div(kv_len, block_kv)
+        if block_mask.dim() != 4 or tuple(block_mask.shape[-2:]) != (nq, nk):
+            raise ValueError(f"block_mask must have shape (Bp, Hp, {nq}, {nk}), got {tuple(block_mask.shape)}")
+        mask = block_mask.to(torch.bool)
+        bp, hp = mask.shape[:2]
+        counts = mask.sum(-1, dtype=torch.int32)
+        indptr = torch.zeros(bp, hp, nq + 1, dtype=torch.int32, device=mask.device)
+        indptr[..., 1:] = counts.cumsum(-1)
+        rank = mask.to(torch.int32).cumsum(-1) - 1
+        dump = nq * nk
+        pos = torch.where(mask, indptr[..., :-1, None] + rank, dump).reshape(bp, hp, -1).long()
+        cols = torch.arange(nk, dtype=torch.int32, device=mask.device).expand(bp, hp, nq, nk).reshape(bp, hp, -1)
+        indices = torch.zeros(bp, hp, dump + 1, dtype=torch.int32, device=mask.device)
+        indices.scatter_(-1, pos, cols)
+        indices = indices[..., :dump].contiguous()
+        return cls(q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, indptr=indptr, indices=indices,
+                   kv_lens=kv_lens, validate=False)
 
     @classmethod
     def full(cls, q_len: int, kv_len: Optional[int] = None, block_q: int = 128,
@@ -260,11 +299,26 @@ class BlockPattern:
 
         Averaged over groups; partial blocks count whole (the kernels compute them and mask inside).
         """
-        def build() -> float:
-            area = self.block_areas().to(self.device)
-            kept = (self.block_bitmap().to(area.dtype) * area).sum((-2, -1)).mean()
-            return float(kept) / (self.q_len * self.kv_len)
-        return self.memo(("density",), build)
+        return self.memo(("density",), lambda: float(self.density_value()))
+
+    def density_value(self) -> torch.Tensor | float:
+        """:meth:`density` without host synchronisation: a 0-d tensor on the pattern's device (a float once
+        :meth:`density` was computed). Each listed entry counts its block's token pairs."""
+        if "density" in self._structure:
+            return self._structure["density"]
+        nq, nk = self.num_q_blocks, self.num_kv_blocks
+        dev = self.device
+        dtype = torch.float32 if dev.type == "mps" else torch.float64
+        q_area = torch.full((nq,), float(self.block_q), device=dev, dtype=dtype)
+        q_area[-1] = self.q_len - (nq - 1) * self.block_q
+        k_area = torch.full((nk,), float(self.block_kv), device=dev, dtype=dtype)
+        k_area[-1] = self.kv_len - (nk - 1) * self.block_kv
+        pos = torch.arange(self.indices.shape[-1], device=dev).expand_as(self.indices).contiguous()
+        row = torch.searchsorted(self.indptr[..., 1:].long().contiguous(), pos, right=True)
+        listed = row < nq
+        area = q_area[row.clamp(max=nq - 1)] * k_area[self.indices.long()]
+        kept = torch.where(listed, area, 0.0).sum(-1).mean()
+        return kept / (self.q_len * self.kv_len)
 
     def keys_per_query(self) -> float:
         """Mean number of keys each query's listed blocks cover."""

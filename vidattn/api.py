@@ -1,6 +1,7 @@
 """``vidattn.apply`` / ``vidattn.remove``: install a processor on a pipeline (or a transformer) and undo it."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -11,6 +12,7 @@ from torch.utils.hooks import RemovableHandle
 from .context import StepContext
 from .models import ModelAdapter, adapter_for_transformer
 from .processors.base import SparseAttentionProcessor
+from .token_order import OrderHooks
 
 __all__ = ["apply", "remove", "installed", "Installation", "StepHook"]
 
@@ -28,17 +30,21 @@ class StepHook:
     """
 
     def __init__(self, adapter: ModelAdapter, context: StepContext,
-                 processor: Optional[SparseAttentionProcessor] = None) -> None:
+                 processor: Optional[SparseAttentionProcessor] = None, order: str = "raster") -> None:
         self.adapter = adapter
         self.context = context
         self.processor = processor
+        self.order = order  # the token order the split-point hooks put this transformer's forward in
 
     @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         adapter, ctx = self.adapter, self.context
         exporting = torch.compiler.is_exporting()  # tensors are fake: no step to read, the program is one call
         ctx.observe(None if exporting else adapter.timestep(args, kwargs), adapter.grid(module, args, kwargs))
-        ctx.set_layout(adapter.call_layout(module, args, kwargs))
+        layout = adapter.call_layout(module, args, kwargs)
+        if layout is not None and self.order != layout.order:
+            layout = dataclasses.replace(layout, order=self.order)
+        ctx.set_layout(layout)
         if self.processor is not None:
             x = kwargs.get("hidden_states", args[0] if args else None)
             device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
@@ -84,18 +90,24 @@ class _TransformerChanges:
     transformer: nn.Module = field(repr=False)
     originals: list = field(default_factory=list)  # (adapter, module, original processor)
     hook_id: Optional[int] = None
+    order_hooks: Optional[OrderHooks] = None  # split-point hooks of a method that wants another token order
 
     def __setstate__(self, state: dict) -> None:  # unpickled or deep-copied: join the copied installation
         self.__dict__.update(state)
         self.installation.parts.append(self)
-        if self.hook_id is not None:  # in a new process torch counts hook ids from 0: never hand ours out again
-            RemovableHandle.next_id = max(RemovableHandle.next_id, self.hook_id + 1)
+        ids = [self.hook_id] if self.hook_id is not None else []
+        ids += [hook_id for _, _, hook_id in (self.order_hooks.handles if self.order_hooks else ())]
+        if ids:  # in a new process torch counts hook ids from 0: never hand ours out again
+            RemovableHandle.next_id = max(RemovableHandle.next_id, max(ids) + 1)
 
     def undo(self) -> None:
         for adapter, module, original in reversed(self.originals):
             adapter.set_processor(module, original)
         self.originals.clear()
         t = self.transformer
+        if self.order_hooks is not None:
+            self.order_hooks.remove(t)
+            self.order_hooks = None
         hook = t._forward_pre_hooks.get(self.hook_id)
         if isinstance(hook, StepHook) and hook.context is self.installation.context:
             t._forward_pre_hooks.pop(self.hook_id, None)
@@ -126,7 +138,9 @@ def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
 
     Each layer gets its own copy (with its layer index; stats and the pattern cache are shared, and start fresh at
     every ``apply``). ``torch.compile``d transformers are handled through their original module. A forward
-    pre-hook on each transformer fills one :class:`StepContext` (shared by Wan 2.2's two experts). Applying again
+    pre-hook on each transformer fills one :class:`StepContext` (shared by Wan 2.2's two experts). A processor
+    whose plans want another token order (``processor.token_order``) also gets :class:`~vidattn.token_order.OrderHooks`
+    at the model's split points, so the whole forward runs in that order. Applying again
     replaces the previous installation. Returns the :class:`Installation` (``.stats`` has the counters).
     """
     if not isinstance(processor, SparseAttentionProcessor):
@@ -148,8 +162,12 @@ def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
                 copy = processor.for_layer(layer, context, adapter)
                 first = first or copy
                 adapter.set_processor(module, copy)
-            hook = StepHook(adapter, context, first)
+            order = processor.token_order if adapter.supports_token_order(t) else "raster"
+            hook = StepHook(adapter, context, first, order)
             part.hook_id = t.register_forward_pre_hook(hook, with_kwargs=True).id
+            if order != "raster":  # after the step hook, which sets the call's layout (and so its order)
+                part.order_hooks = OrderHooks(context, adapter.split_points)
+                part.order_hooks.install(t)
     except Exception:
         _undo(inst)
         raise

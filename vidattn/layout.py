@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 __all__ = ["TextSegment", "TokenLayout"]
 
-TOKEN_ORDERS = ("raster",)
+TOKEN_ORDERS = ("raster", "gilbert")
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,10 @@ class TextSegment:
 class TokenLayout:
     """A video of ``frames x height x width`` latent tokens (after patching), in ``order``, plus optional text.
 
-    Tokens of the video are frame-major raster ``(t, y, x)``: token ``video_start + (t*height + y)*width + x``.
-    Hashable, so patterns can be cached per layout.
+    In ``order="raster"`` the video tokens are frame-major ``(t, y, x)``: token ``video_start + (t*height + y)*width
+    + x``. Another order (``"gilbert"``: the 3-D Gilbert curve of :func:`vidattn.gilbert_order`) permutes the video
+    tokens among themselves (text stays in place): token ``video_start + i`` is raster token ``perm[i]``
+    (:func:`vidattn.token_order.order_permutation`). Hashable, so patterns can be cached per layout.
     """
 
     frames: int

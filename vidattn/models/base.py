@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..layout import TokenLayout
+from ..token_order import SplitPoints
 
 __all__ = ["ModelAdapter"]
 
@@ -134,6 +135,15 @@ class ModelAdapter:
                     f"pipe.set_attn_processor(processor).")
         return (f"vidattn: {title} attention: the transformer's forward inputs gave no token grid and {why}; these "
                 f"calls run dense (dense reason 'no token layout' in the processor's stats).")
+
+    #: where a forward can be put into another token order and back (diffusers' context-parallel split points);
+    #: ``None``: processors that want another order permute q, k, v per layer instead
+    split_points: Optional[SplitPoints] = None
+
+    def supports_token_order(self, transformer: nn.Module) -> bool:
+        """Whether :attr:`split_points` may reorder this transformer's tokens (a model whose blocks slice tokens by
+        raster position, e.g. HunyuanVideo I2V's token replacement of the first frame, may not)."""
+        return self.split_points is not None
 
     #: whether self-attention runs on :meth:`call_layout`'s whole sequence, so that the pre-hook can prepare its
     #: pattern (Mochi: no, it attends per sample on the video and that sample's valid text)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layout import TextSegment, TokenLayout
+from ..token_order import SplitPoints
 from .base import ModelAdapter
 from .rope import banded_rope_layout
 
@@ -22,6 +23,8 @@ __all__ = ["CogVideoXAdapter"]
 
 
 class CogVideoXAdapter(ModelAdapter):
+    split_points = SplitPoints(rope_kwarg="image_rotary_emb", rope_dim=0, first_block="transformer_blocks.0",
+                               output="proj_out")
     name = "cogvideox"
     title = "CogVideoX"
     pipeline_class = "CogVideoXPipeline"

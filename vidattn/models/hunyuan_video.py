@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..layout import TextSegment, TokenLayout
+from ..token_order import SplitPoints
 from .base import ModelAdapter
 from .rope import banded_rope_layout
 
@@ -42,6 +43,11 @@ def _valid_text(attention_mask: Optional[torch.Tensor], batch: int, video_len: i
 
 
 class HunyuanVideoAdapter(ModelAdapter):
+    split_points = SplitPoints(rope="rope", rope_dim=0, first_block="transformer_blocks.0", output="proj_out")
+
+    def supports_token_order(self, transformer: nn.Module) -> bool:
+        # I2V "token_replace" conditioning slices the first frame's tokens by raster position inside the blocks.
+        return getattr(transformer.config, "image_condition_type", None) != "token_replace"
     name = "hunyuan"
     title = "HunyuanVideo"
     pipeline_class = "HunyuanVideoPipeline"

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..layout import TokenLayout
+from ..token_order import SplitPoints
 from .base import ModelAdapter
 from .rope import first_change, rope_table_fits
 
@@ -47,6 +48,8 @@ def ltx_rope_layout(rotary_emb: Any, seq_len: int) -> Optional[TokenLayout]:
 
 
 class LTXAdapter(ModelAdapter):
+    split_points = SplitPoints(rope="rope", rope_dim=1, token_kwargs=("timestep",),
+                               first_block="transformer_blocks.0", output="proj_out")
     name = "ltx"
     title = "LTX-Video"
     pipeline_class = "LTXPipeline"

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..layout import TokenLayout
+from ..token_order import SplitPoints
 from .base import ModelAdapter
 from .rope import first_change
 
@@ -68,6 +69,8 @@ class WanAdapter(ModelAdapter):
     transformer_classes = ("WanTransformer3DModel",)
     attention_classes = ("WanAttention",)
     self_attention_path = ("blocks", "attn1")
+    split_points = SplitPoints(rope="rope", rope_dim=1, token_kwargs=("timestep",), first_block="blocks.0",
+                               output="proj_out")
 
     def grid(self, transformer: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[int, int, int]]:
         x = kwargs.get("hidden_states", args[0] if args else None)

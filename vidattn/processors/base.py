@@ -6,23 +6,29 @@ the stock diffusers processor does (through the model adapter), then decides:
 * dense — warm-up steps (``step < dense_steps``), last steps (``step >= num_steps - dense_last_steps``), dense
   layers (``layer < dense_layers``) or no known token layout: diffusers' own ``dispatch_attention_fn``, so the
   user's attention backend is kept;
-* sparse — ``pattern = self.pattern(layout, q, k)`` and ``vidattn.kernels.sparse_attention``.
+* sparse — ``plan = self.plan(layout, q, k, v)`` (an :class:`~vidattn.plan.AttentionPlan`: patterns per row range,
+  scale, epilogue) executed through ``vidattn.kernels.sparse_attention``.
 
-Methods subclass it and implement :meth:`pattern` (static patterns are cached per layout).
+Methods subclass it and implement :meth:`pattern` (static methods: one pattern, cached per layout) or :meth:`plan`
+(dynamic methods, ``static_pattern = False``). A method whose plans want the video tokens in another order
+(``token_order``, e.g. ``"gilbert"``) gets them so: from the model's split-point hooks (the layout says so), else by
+permuting q, k, v here and the output back (logged once).
 """
 from __future__ import annotations
 
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
 
 from ..context import StepContext
 from ..kernels import BACKENDS, BlockPattern, sparse_attention
-from ..layout import TokenLayout
+from ..layout import TOKEN_ORDERS, TokenLayout
+from ..plan import AttentionPlan, execute_plan
+from ..token_order import sequence_permutation
 
 __all__ = ["SparseAttentionProcessor", "ProcessorStats", "FullProcessor", "DenseProcessor"]
 
@@ -40,7 +46,8 @@ class ProcessorStats:
     dense_seconds: float = 0.0
     dense_reasons: dict = field(default_factory=dict)
 
-    def record(self, sparse: bool, density: float, seconds: float, reason: str = "") -> None:
+    def record(self, sparse: bool, density: float | torch.Tensor, seconds: float, reason: str = "") -> None:
+        """One call; ``density`` may be a device tensor (dynamic plans: read when :meth:`summary` is called)."""
         if sparse:
             self.sparse_calls += 1
             self.density_sum += density
@@ -56,8 +63,9 @@ class ProcessorStats:
 
     def summary(self) -> dict:
         """Counts, times, the mean density of sparse calls and the computed fraction over all calls."""
-        sparse_density = self.density_sum / self.sparse_calls if self.sparse_calls else None
-        computed = (self.density_sum + self.dense_calls) / self.calls if self.calls else None
+        density_sum = float(self.density_sum)
+        sparse_density = density_sum / self.sparse_calls if self.sparse_calls else None
+        computed = (density_sum + self.dense_calls) / self.calls if self.calls else None
         return {
             "calls": self.calls,
             "sparse_calls": self.sparse_calls,
@@ -92,6 +100,7 @@ class _Shared:
         self.logged: set = set()
         self.rope: tuple = (None, None)
         self.prepared: Optional[tuple] = None  # the pre-hook's (layout, device, pattern)
+        self.orders: dict = {}  # (layout, order, device) -> (perm, inverse) for processors that permute q/k/v
 
 
 def _non_negative_int(name: str, value: Any) -> int:
@@ -108,6 +117,7 @@ class SparseAttentionProcessor:
     method = "sparse"
     static_pattern = True
     uses_pattern = True  # False for methods that never run the sparse kernels
+    token_order = "raster"  # the video token order this method's plans are built in
     _pattern_cache_size = 16
 
     def __init__(self, *, dense_steps: int = 0, dense_layers: int = 0, dense_last_steps: int = 0,
@@ -169,6 +179,11 @@ class SparseAttentionProcessor:
     def pattern(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
         """The block pattern for this call (``q``, ``k`` are BSHD). Static methods ignore q and k."""
         raise NotImplementedError
+
+    def plan(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionPlan:
+        """The attention plan of this call (BSHD q, k, v in ``layout``'s order): by default one pattern over all rows
+        (:meth:`pattern`); dynamic methods override it."""
+        return AttentionPlan.single(self._pattern_for(layout, q, k))
 
     def _pattern_for(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
         """The pattern the pre-hook prepared for this layout, else built here (see :meth:`_static_pattern`)."""
@@ -308,17 +323,48 @@ class SparseAttentionProcessor:
         if torch.compiler.is_compiling():
             if reason is not None:
                 return dense_fn(q, k, v)
-            return sparse_attention(q, k, v, self._pattern_for(layout, q, k), layout="bshd", backend=self.backend)
+            if self.static_pattern and self.token_order == layout.order:
+                return sparse_attention(q, k, v, self._pattern_for(layout, q, k), layout="bshd", backend=self.backend)
+            return self._attend_planned(q, k, v, layout)[0]
         timed = q.device.type == "cpu"
         start = time.perf_counter() if timed else 0.0
         if reason is not None:
             out = dense_fn(q, k, v)
             self.stats.record(False, 1.0, time.perf_counter() - start if timed else 0.0, reason)
             return out
-        pattern = self._pattern_for(layout, q, k)
-        out = sparse_attention(q, k, v, pattern, layout="bshd", backend=self.backend)
-        self.stats.record(True, pattern.density(), time.perf_counter() - start if timed else 0.0)
+        out, plan = self._attend_planned(q, k, v, layout)
+        self.stats.record(True, plan.density(), time.perf_counter() - start if timed else 0.0)
         return out
+
+    @torch.compiler.disable
+    def _attend_planned(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        layout: TokenLayout) -> tuple[torch.Tensor, AttentionPlan]:
+        """Plan and execute one sparse call; when the layout is not in the method's token order, q, k, v are put in
+        it here and the output back (eager: plans of dynamic methods are Python objects built per call)."""
+        order = None
+        if layout.order != self.token_order:
+            order = self._sequence_order(layout, q.device)
+            q, k, v = (t.index_select(1, order[0]) for t in (q, k, v))
+            layout = replace(layout, order=self.token_order)
+        plan = self.plan(layout, q, k, v)
+        out = execute_plan(plan, q, k, v, backend=self.backend)
+        if order is not None:
+            out = out.index_select(1, order[1])
+        return out, plan
+
+    def _sequence_order(self, layout: TokenLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if layout.order != "raster":
+            raise ValueError(f"vidattn: {type(self).__name__} builds its plans in {self.token_order!r} order but the "
+                             f"call's tokens are in {layout.order!r} order")
+        self.log_once(f"order-{self.token_order}", f"vidattn: {self.family or 'this model'}: no split-point hooks put "
+                      f"the tokens in {self.token_order!r} order for this call; permuting q, k, v in every attention "
+                      "layer instead (correct, slower). vidattn.apply installs the hooks where the model has them.")
+        key = (layout.without_valid(), self.token_order, device)
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            perm, inverse = sequence_permutation(layout, self.token_order)
+            return perm.to(device), inverse.to(device)
+        return _bounded_get(self._shared.orders, key, 8, build)
 
     # ------------------------------------------------------------------ diffusers entry point
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
@@ -336,18 +382,24 @@ class SparseAttentionProcessor:
 
 
 class FullProcessor(SparseAttentionProcessor):
-    """The all-ones pattern through the sparse path: dense attention computed by the sparse kernels (test probe)."""
+    """The all-ones pattern through the sparse path: dense attention computed by the sparse kernels (test probe).
+
+    ``token_order`` runs it in another video token order (``"gilbert"``): a probe of the token-order machinery,
+    since the all-ones pattern gives the same attention in any order."""
 
     method = "full"
 
-    def __init__(self, *, block_size: int = 128, **kwargs: Any) -> None:
+    def __init__(self, *, block_size: int = 128, token_order: str = "raster", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if token_order not in TOKEN_ORDERS:
+            raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {token_order!r}")
         self.block_size = block_size
+        self.token_order = token_order
 
     def knobs(self) -> dict:
-        return {**super().knobs(), "block_size": self.block_size}
+        return {**super().knobs(), "block_size": self.block_size, "token_order": self.token_order}
 
     def pattern(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor) -> BlockPattern:
         return BlockPattern.full(layout.seq_len, block_q=self.block_size)

@@ -1,0 +1,133 @@
+"""The token-order mechanism: split-point hooks put a forward in another token order once, and back, exactly."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from helpers import max_diff, run_applied, run_model
+
+import vidattn
+from vidattn import FullProcessor, TokenLayout
+from vidattn.pipelines.tiny import tiny_transformer, tiny_transformer_inputs
+from vidattn.token_order import OrderHooks, order_permutation, sequence_permutation
+
+ORDERED = ["wan", "hunyuan", "cogvideox", "ltx"]  # families with split points
+
+
+def _hook_count(model):
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def test_sequence_permutation_moves_only_video_tokens():
+    layout = TokenLayout(2, 3, 4, text=vidattn.TextSegment(5, "first"))
+    perm, inverse = sequence_permutation(layout, "gilbert")
+    video, _ = order_permutation("gilbert", 2, 3, 4)
+    assert torch.equal(perm[:5], torch.arange(5))
+    assert torch.equal(perm[5:] - 5, video)
+    assert torch.equal(perm[inverse], torch.arange(layout.seq_len))
+    assert sequence_permutation(TokenLayout(2, 3, 4), "raster") is None
+
+
+@pytest.mark.parametrize("family", ORDERED)
+def test_hooks_match_raster_order_and_the_per_layer_fallback(family):
+    """All-ones pattern: the hook-ordered forward equals raster order to rounding, and equals bit for bit the same
+    order applied per layer (processor-side permutation, the fallback for models without split points)."""
+    model = tiny_transformer(family)
+    inputs = tiny_transformer_inputs(family, batch=2)
+    raster, _ = run_applied(model, inputs, FullProcessor(block_size=32))
+    inst = vidattn.apply(model, FullProcessor(block_size=32, token_order="gilbert"))
+    assert inst.parts[0].order_hooks is not None
+    hooked = run_model(model, inputs)
+    assert inst.context.layout.order == "gilbert"
+    vidattn.remove(model)
+    assert max_diff(hooked, raster) < 1e-5
+    # The fallback: the same processor installed on each module by hand (no step context, no hooks).
+    proc = FullProcessor(block_size=32, token_order="gilbert")
+    inst = vidattn.apply(model, proc)
+    inst.parts[0].order_hooks.remove(model)  # as if the model had no split points
+    try:
+        from vidattn.api import StepHook
+
+        hook = next(h for h in model._forward_pre_hooks.values() if isinstance(h, StepHook))
+        hook.order = "raster"
+        fallback = run_model(model, inputs)
+    finally:
+        vidattn.remove(model)
+    assert torch.equal(fallback, hooked)
+
+
+def test_perturbed_order_hook_is_detected():
+    """Dropping the inverse at the output split point must change the result (the test above can fail)."""
+    model = tiny_transformer("wan")
+    inputs = tiny_transformer_inputs("wan")
+    raster, _ = run_applied(model, inputs, FullProcessor(block_size=32))
+    original = OrderHooks.on_output
+    OrderHooks.on_output = lambda self, module, args, output: output
+    try:
+        broken, _ = run_applied(model, inputs, FullProcessor(block_size=32, token_order="gilbert"))
+    finally:
+        OrderHooks.on_output = original
+    assert max_diff(broken, raster) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan"])
+def test_remove_restores_hooks_exactly(family):
+    model = tiny_transformer(family)
+    before = _hook_count(model)
+    vidattn.apply(model, FullProcessor(block_size=32, token_order="gilbert"))
+    assert _hook_count(model) == before + 1 + 4  # step hook + forward, rope, first block, output
+    vidattn.remove(model)
+    assert _hook_count(model) == before
+
+
+def test_layout_records_the_order_and_permutation_is_once_per_forward():
+    model = tiny_transformer("wan")
+    inputs = tiny_transformer_inputs("wan")
+    proc = FullProcessor(block_size=32, token_order="gilbert")
+    inst = vidattn.apply(model, proc)
+    calls = []
+    original = torch.Tensor.index_select
+
+    def counting(self, dim, index):
+        calls.append(self.shape)
+        return original(self, dim, index)
+
+    torch.Tensor.index_select = counting
+    try:
+        run_model(model, inputs)
+    finally:
+        torch.Tensor.index_select = original
+        layout = inst.context.layout
+        vidattn.remove(model)
+    assert layout.order == "gilbert"
+    # cos and sin tables, the hidden states, the output: four moves per forward whatever the number of layers.
+    assert len(calls) == 4
+
+
+def test_pickled_and_copied_models_keep_and_remove_their_order_hooks():
+    model = tiny_transformer("wan")
+    inputs = tiny_transformer_inputs("wan")
+    before = _hook_count(model)
+    vidattn.apply(model, FullProcessor(block_size=32, token_order="gilbert"))
+    expected = run_model(model, inputs)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(run_model(clone, inputs), expected)
+        vidattn.remove(clone)
+        assert _hook_count(clone) == before
+    assert _hook_count(model) == before + 5
+    vidattn.remove(model)
+
+
+def test_mochi_has_no_split_points_and_permutes_per_layer(caplog):
+    model = tiny_transformer("mochi")
+    inputs = tiny_transformer_inputs("mochi", batch=2)
+    raster, _ = run_applied(model, inputs, FullProcessor(block_size=32))
+    inst = vidattn.apply(model, FullProcessor(block_size=32, token_order="gilbert"))
+    assert inst.parts[0].order_hooks is None
+    with caplog.at_level("INFO", logger="vidattn"):
+        ordered = run_model(model, inputs)
+    vidattn.remove(model)
+    assert max_diff(ordered, raster) < 1e-5
+    assert any("permuting q, k, v" in r.message for r in caplog.records)
