@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional
 
 from .processors import DenseProcessor, FullProcessor, SparseAttentionProcessor
 from .processors.radial import RADIAL_PRESETS, RadialProcessor
+from .processors.rectified import RECTIFIED_PRESETS, RectifiedProcessor
 
 __all__ = ["MethodSpec", "METHODS", "make_processor", "register_method"]
 
@@ -35,6 +36,10 @@ register_method(MethodSpec("radial", RadialProcessor, presets=RADIAL_PRESETS,
                            knobs=("decay", "dense_steps", "dense_layers", "dense_last_steps", "block_size", "backend",
                                   "sink_frames", "d1_full", "decimation_threshold"),
                            help="Radial Attention: static energy-decay block mask, O(n log n)"))
+register_method(MethodSpec("rectified", RectifiedProcessor, presets=RECTIFIED_PRESETS,
+                           knobs=("drop_rate", "top_p", "block_size", "first_frame", "gapr", "dense_steps",
+                                  "dense_layers", "dense_last_steps", "backend", "token_order"),
+                           help="Rectified SpaAttn: per-head pooled selection with IPAR/GAPR rectification"))
 
 
 def make_processor(method: str, preset: Optional[str] = None, **overrides: Any) -> SparseAttentionProcessor:

@@ -1,4 +1,6 @@
-"""Method patterns: pure functions of a :class:`~vidattn.layout.TokenLayout` that return a ``BlockPattern``."""
+"""Method patterns: pure functions of a :class:`~vidattn.layout.TokenLayout` (static) or of q, k (dynamic)."""
 from .radial import RadialStats, radial_pattern, radial_stats
+from .rectified import RectifiedStats, critical_pattern, rectified_attention, rectified_plan, rectified_selection
 
-__all__ = ["RadialStats", "radial_pattern", "radial_stats"]
+__all__ = ["RadialStats", "RectifiedStats", "critical_pattern", "radial_pattern", "radial_stats",
+           "rectified_attention", "rectified_plan", "rectified_selection"]
