@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_command_has_help(capsys):
-    for argv in [[], *[[c] for c in COMMANDS], ["bench", "attention"], ["mask", "radial"]]:
+    for argv in [[], *[[c] for c in COMMANDS], ["bench", "attention"], ["mask", "radial"], ["mask", "rectified"]]:
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--help"])
         assert exit_.value.code == 0
@@ -48,6 +48,10 @@ def test_generate_tiny_radial_writes_playable_mp4(tmp_path, capsys):
     (["--method", "radial", "--decay", "-1"], "decay"),
     (["--method", "radial", "--preset", "nope"], "preset"),
     (["--steps", "0"], "--steps"),
+    (["--method", "rectified", "--drop-rate", "1.5"], "drop_rate"),
+    (["--method", "rectified", "--top-p", "0"], "top_p"),
+    (["--method", "radial", "--drop-rate", "0.5"], "drop_rate"),
+    (["--method", "rectified", "--preset", "nope"], "preset"),
     (["--out", "x.avi"], "--out"),
 ])
 def test_generate_bad_values_name_the_option(tmp_path, capsys, argv, option):
@@ -125,3 +129,26 @@ def test_pipeline_factors_and_defaults_follow_the_pipeline():
                                  transformer=SimpleNamespace(config=SimpleNamespace(patch_size=2)))
     assert _pipeline_factors(mochi_like) == (6, 16)
     assert call_defaults(tiny_hunyuan_pipeline())["num_frames"] == 129
+
+
+def test_generate_tiny_rectified_writes_video(tmp_path, capsys):
+    out = tmp_path / "r.mp4"
+    rc = main(["generate", "--model", "tiny", "--method", "rectified", "--preset", "wan-t2v", "--drop-rate", "0.8",
+               "--dense-steps", "0", "--dense-layers", "1", "--block-size", "16", "--frames", "33", "--steps", "2",
+               "--out", str(out)])
+    assert rc == 0 and out.stat().st_size > 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["method"]["method"] == "rectified" and meta["method"]["drop_rate"] == 0.8
+    assert meta["method"]["dense_layers"] == 1 and meta["method"]["first_frame"] == "corner"
+    assert meta["attention"]["sparse_calls"] > 0 and 0 < meta["attention"]["sparse_density"] < 1
+
+
+def test_mask_rectified_prints_and_draws(tmp_path, capsys):
+    png = tmp_path / "sel.png"
+    assert main(["mask", "rectified", "--model", "hunyuan", "--drop-rate", "0.8", "--png", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "head 1" in printed and "gilbert order" in printed and png.stat().st_size > 0
+    assert main(["mask", "rectified", "--head", "9"]) == 2
+    assert "--head" in capsys.readouterr().err
+    assert main(["mask", "rectified", "--drop-rate", "1"]) == 2
+    assert "--drop-rate" in capsys.readouterr().err

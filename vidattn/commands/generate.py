@@ -12,12 +12,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Writes an mp4 and a JSON sidecar (settings, versions, timings, attention stats).")
     p.add_argument("--prompt", default="a red fox running through fresh snow, cinematic", help="text prompt")
     p.add_argument("--negative-prompt", default="", help="negative prompt (used when guidance > 1)")
-    p.add_argument("--method", default="dense", help="attention method: dense, full, radial (default: dense)")
-    p.add_argument("--preset", default=None, help="method preset, e.g. wan-1x for radial (knobs below override it)")
+    p.add_argument("--method", default="dense",
+                   help="attention method: dense, full, radial, rectified (default: dense)")
+    p.add_argument("--preset", default=None, help="method preset, e.g. wan-1x for radial or hunyuan for rectified "
+                                                  "(knobs below override it)")
     p.add_argument("--dense-steps", type=int, default=None, help="first N denoising steps dense")
     p.add_argument("--dense-layers", type=int, default=None, help="first N transformer blocks dense")
     p.add_argument("--dense-last-steps", type=int, default=None, help="last N denoising steps dense")
     p.add_argument("--decay", type=float, default=None, help="radial: band decay factor (> 0)")
+    p.add_argument("--drop-rate", type=float, default=None,
+                   help="rectified: share of key blocks dropped by the top-k floor, in [0, 1) (default 0.75)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="rectified: pooled attention mass kept by the top-p rule, in (0, 1] (default 0.3)")
+    p.add_argument("--first-frame", default=None, choices=("corner", "frame0", "off"),
+                   help="rectified: first-frame rule (default: corner on Wan, off elsewhere)")
+    p.add_argument("--no-gapr", dest="gapr", action="store_const", const=False, default=None,
+                   help="rectified: compensate every non-critical block (ablation of GAPR)")
     p.add_argument("--block-size", type=int, default=None, help="sparse block size in tokens")
     p.add_argument("--backend", default=None, help="sparse kernel backend: auto, torch, flex, triton, reference")
     p.add_argument("--model", default="tiny",
@@ -59,7 +69,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         processor = make_processor(args.method, args.preset, dense_steps=args.dense_steps,
                                    dense_layers=args.dense_layers, dense_last_steps=args.dense_last_steps,
-                                   decay=args.decay, block_size=args.block_size, backend=args.backend)
+                                   decay=args.decay, block_size=args.block_size, backend=args.backend,
+                                   drop_rate=args.drop_rate, top_p=args.top_p, first_frame=args.first_frame,
+                                   gapr=args.gapr)
     except (ValueError, TypeError) as err:
         return _fail(f"--method {args.method}: {err}" if args.method not in METHODS else str(err))
     for name in ("steps", "fps"):

@@ -1,4 +1,4 @@
-"""``vidattn mask radial``: build a method's block mask for a video size, print its densities, draw it."""
+"""``vidattn mask radial|rectified``: build a method's block mask for a video size, print its densities, draw it."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,9 @@ def register(subparsers: Any) -> None:
                              "mochi 256)")
     radial.add_argument("--png", default=None, help="write the block mask picture here (white = computed)")
     radial.set_defaults(func=run)
+    from . import mask_rectified
+
+    mask_rectified.register(methods)
 
 
 def _fail(message: str) -> int:

@@ -1,0 +1,96 @@
+"""``vidattn mask rectified``: the critical blocks Rectified SpaAttn selects in one call of a tiny model, drawn."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+MODELS = ("wan", "hunyuan", "cogvideox", "ltx", "mochi")
+
+
+def register(methods: Any) -> None:
+    p = methods.add_parser(
+        "rectified", help="Rectified SpaAttn's per-head critical blocks in one tiny-model call",
+        description="Run one forward of a tiny random transformer (offline) with RectifiedProcessor and report the "
+                    "blocks selected for the first sparse layer: per-head density, rectification mass R, GAPR "
+                    "rejections; draw one head's selection (white = critical, grey = compensated, black = "
+                    "rejected by GAPR, so its mass goes into R).")
+    p.add_argument("--model", choices=MODELS, default="wan", help="tiny model family (default wan)")
+    p.add_argument("--latent-frames", type=int, default=5, help="latent frames before patching (default 5)")
+    p.add_argument("--latent-height", type=int, default=None, help="latent height before patching")
+    p.add_argument("--latent-width", type=int, default=None, help="latent width before patching")
+    p.add_argument("--drop-rate", type=float, default=0.75, help="top-k floor drop rate, in [0, 1) (default 0.75)")
+    p.add_argument("--top-p", type=float, default=0.3, help="top-p mass, in (0, 1] (default 0.3)")
+    p.add_argument("--block-size", type=int, default=16, help="block size in tokens (default 16: tiny grids)")
+    p.add_argument("--head", type=int, default=0, help="head to draw (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the tiny model and inputs")
+    p.add_argument("--png", default=None, help="write the picture of the head's selection here")
+    p.set_defaults(func=run)
+
+
+def _fail(message: str) -> int:
+    print(f"vidattn mask rectified: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _picture(stats: Any, head: int) -> Any:
+    import torch
+
+    crit = stats.critical[0, head]
+    n = crit.shape[0]
+    img = torch.full(crit.shape, 128, dtype=torch.uint8)  # compensated through O_nc
+    img[crit] = 255
+    if stats.gapr_ok is not None:
+        rejected = ~stats.gapr_ok[0, head] & ~crit[:, :n]
+        img[:, :n][rejected] = 0
+    return img
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..processors.rectified import RectifiedProcessor
+
+    try:
+        proc = RectifiedProcessor(drop_rate=args.drop_rate, top_p=args.top_p, block_size=args.block_size)
+    except ValueError as err:
+        name = str(err).split(" ", 1)[0]
+        return _fail(f"argument --{name.replace('_', '-')}: {err}")
+    if args.latent_frames < 1:
+        return _fail(f"argument --latent-frames: must be >= 1, got {args.latent_frames}")
+    import torch
+
+    import vidattn
+    from vidattn.pipelines.tiny import tiny_transformer, tiny_transformer_inputs
+
+    model = tiny_transformer(args.model, seed=args.seed)
+    heads = model.config.num_attention_heads
+    if not 0 <= args.head < heads:
+        return _fail(f"argument --head: must lie in [0, {heads}), got {args.head}")
+    try:
+        inputs = tiny_transformer_inputs(args.model, frames=args.latent_frames, height=args.latent_height,
+                                         width=args.latent_width, seed=args.seed)
+    except ValueError as err:
+        return _fail(f"argument --latent-frames/--latent-height/--latent-width: {err}")
+    vidattn.apply(model, proc)
+    proc.record_selection(True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        vidattn.remove(model)
+    layout, stats = proc.recorded_selection
+    print(f"model       tiny {args.model}, latent grid {layout.frames} x {layout.height} x {layout.width} "
+          f"({layout.order} order), text {layout.text_tokens}")
+    print(f"blocks      {stats.critical.shape[-2]} video query blocks x {stats.critical.shape[-1]} key blocks "
+          f"of {args.block_size}")
+    for h in range(stats.critical.shape[1]):
+        crit = stats.critical[0, h].float()
+        line = f"head {h:<3}    critical {crit.mean():.3f}, R mean {stats.R[0, h].mean():.3f}"
+        if stats.gapr_ok is not None:
+            line += f", GAPR-trusted {stats.gapr_ok[0, h].float().mean():.3f}"
+        print(line)
+    if args.png:
+        from .mask import _write_png
+
+        h, w = _write_png(args.png, _picture(stats, args.head))
+        print(f"picture     {args.png} ({w} x {h} px)")
+    return 0
