@@ -134,3 +134,41 @@ def test_union_refuses_one_sided_kv_lens():
         a | a.with_kv_lens(torch.tensor([6]))
     both = a.with_kv_lens(torch.tensor([6])) & a  # intersection applies both masks: fine
     assert both.kv_lens.tolist() == [6]
+
+
+@settings(max_examples=30, deadline=None)
+@given(q_len=st.integers(1, 50), kv_len=st.integers(1, 50), bq=st.sampled_from([4, 8, 16]),
+       bp=st.sampled_from([1, 2]), hp=st.sampled_from([1, 3]), density=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16))
+def test_device_construction_equals_compact_csr(q_len, kv_len, bq, bp, hp, density, seed):
+    """The sync-free builder lists the same blocks in the same order as from_block_mask; density_value agrees."""
+    g = torch.Generator().manual_seed(seed)
+    nq, nk = -(-q_len // bq), -(-kv_len // bq)
+    bitmap = torch.rand(bp, hp, nq, nk, generator=g) < density
+    lens = torch.randint(0, kv_len + 1, (bp,), generator=g) if bp > 1 else None
+    compact = BlockPattern.from_block_mask(bitmap, q_len=q_len, kv_len=kv_len, block_q=bq, kv_lens=lens)
+    wide = BlockPattern.from_block_mask_on_device(bitmap, q_len=q_len, kv_len=kv_len, block_q=bq, kv_lens=lens)
+    assert torch.equal(wide.indptr, compact.indptr)
+    assert wide.indices.shape[-1] == nq * nk
+    for b in range(bp):
+        for h in range(hp):
+            n = int(compact.indptr[b, h, -1])
+            assert torch.equal(wide.indices[b, h, :n], compact.indices[b, h, :n])
+    assert torch.equal(wide.to_dense(), compact.to_dense())
+    assert float(wide.density_value()) == pytest.approx(compact.density(), abs=1e-12)
+
+
+def test_device_construction_checks_shape():
+    with pytest.raises(ValueError, match="block_mask must have shape"):
+        BlockPattern.from_block_mask_on_device(torch.ones(3, 3, dtype=torch.bool), q_len=8, kv_len=8, block_q=4)
+
+
+def test_memo_is_shared_with_kv_lens_copies_only_when_structural():
+    p = BlockPattern.full(32, block_q=8)
+    built = []
+    p.memo(("x",), lambda: built.append(1) or "plan")
+    copy = p.with_kv_lens(torch.tensor([20]))
+    assert copy.memo(("x",), lambda: built.append(2) or "other") == "plan"
+    p.memo(("y",), lambda: "own", structural=False)
+    assert copy.memo(("y",), lambda: "copy's", structural=False) == "copy's"
+    assert built == [1]

@@ -131,3 +131,39 @@ def test_mochi_has_no_split_points_and_permutes_per_layer(caplog):
     vidattn.remove(model)
     assert max_diff(ordered, raster) < 1e-5
     assert any("permuting q, k, v" in r.message for r in caplog.records)
+
+
+def test_plan_parts_must_tile_the_rows():
+    from vidattn import AttentionPlan, BlockPattern, PlanPart
+
+    a = BlockPattern.full(8, 16, block_q=4)
+    b = BlockPattern.full(8, 16, block_q=4)
+    with pytest.raises(ValueError, match="contiguously"):
+        AttentionPlan((PlanPart(0, 8, a), PlanPart(9, 17, b)))
+    with pytest.raises(ValueError, match="q_len"):
+        PlanPart(0, 7, a)
+    with pytest.raises(ValueError, match="at least one part"):
+        AttentionPlan(())
+    with pytest.raises(ValueError, match="perm and inverse"):
+        AttentionPlan((PlanPart(0, 8, a),), perm=torch.arange(8))
+
+
+def test_execute_plan_equals_reference_with_perm_and_scale():
+    from vidattn import AttentionPlan, BlockPattern, PlanPart
+    from vidattn.kernels.reference import reference_attention
+    from vidattn.plan import execute_plan
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 20, 8) for _ in range(3))
+    perm = torch.randperm(20)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(20)
+    top = BlockPattern.from_block_mask(torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 1], [1, 1, 1, 1, 1]]).bool(),
+                                       q_len=12, kv_len=20, block_q=4)
+    bottom = BlockPattern.full(8, 20, block_q=4)
+    plan = AttentionPlan((PlanPart(0, 12, top), PlanPart(12, 20, bottom)), scale=0.5, perm=perm, inverse=inverse)
+    out = execute_plan(plan, q, k, v, backend="torch", layout="bhsd")
+    qp, kp, vp = (t[:, :, perm] for t in (q, k, v))
+    ref = torch.cat([reference_attention(qp[:, :, :12], kp, vp, top, scale=0.5)[0],
+                     reference_attention(qp[:, :, 12:], kp, vp, bottom, scale=0.5)[0]], 2)[:, :, inverse]
+    assert torch.allclose(out, ref, atol=1e-6)
