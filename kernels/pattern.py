@@ -387,12 +387,13 @@ class BlockPattern:
                 kv_lens=None if self.kv_lens is None else self.kv_lens.to(device))
         return self._cache[key]
 
-    def with_kv_lens(self, kv_lens: Optional[torch.Tensor]) -> "BlockPattern":
+    def with_kv_lens(self, kv_lens: Optional[torch.Tensor], validate: bool = True) -> "BlockPattern":
         """The same pattern with per-sample valid key counts (keys ``>= kv_lens[b]`` masked for sample b); what was
-        derived from the block structure alone (density, backend call plans) is shared, not recomputed."""
+        derived from the block structure alone (density, backend call plans) is shared, not recomputed.
+        ``validate=False`` skips the range check of ``kv_lens`` (a host read) for trusted device tensors."""
         copy = BlockPattern(q_len=self.q_len, kv_len=self.kv_len, block_q=self.block_q, block_kv=self.block_kv,
                             indptr=self.indptr, indices=self.indices, partial=self.partial,
-                            predicate=self.predicate, kv_lens=kv_lens)
+                            predicate=self.predicate, kv_lens=kv_lens, validate=validate)
         copy._structure = self._structure
         return copy
 

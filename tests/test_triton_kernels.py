@@ -391,7 +391,7 @@ def test_fit_configs_keep_128_row_tiles_on_hopper_shapes():
 
     dkdv = fit_configs("dkdv", block_q=128, block_kv=128, head_dim=128, dtype=torch.bfloat16)
     dq = fit_configs("dq", block_q=128, block_kv=128, head_dim=128, dtype=torch.bfloat16)
-    assert {(c.block_m, c.block_n, c.warps) for c in dkdv} >= {(64, 128, 8), (32, 128, 8)}
+    assert (32, 128, 8) in {(c.block_m, c.block_n, c.warps) for c in dkdv}
     assert (128, 64, 8) in {(c.block_m, c.block_n, c.warps) for c in dq}
     assert any(c.block_m == 64 and c.warps == 4 for c in dq)
 

@@ -6,7 +6,7 @@ from typing import Literal, Optional
 
 __all__ = ["TextSegment", "TokenLayout"]
 
-TOKEN_ORDERS = ("raster", "gilbert")
+TOKEN_ORDERS = ("raster", "gilbert", "tiles<R>x<C>")
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,8 @@ class TokenLayout:
     """A video of ``frames x height x width`` latent tokens (after patching), in ``order``, plus optional text.
 
     In ``order="raster"`` the video tokens are frame-major ``(t, y, x)``: token ``video_start + (t*height + y)*width
-    + x``. Another order (``"gilbert"``: the 3-D Gilbert curve of :func:`vidattn.gilbert_order`) permutes the video
-    tokens among themselves (text stays in place): token ``video_start + i`` is raster token ``perm[i]``
+    + x``. Another order (``"gilbert"``: the 3-D Gilbert curve of :func:`vidattn.gilbert_order`; ``"tiles8x16"``:
+    spatial tiles, :func:`vidattn.token_order.tile_order`) permutes the video tokens among themselves (text stays in place): token ``video_start + i`` is raster token ``perm[i]``
     (:func:`vidattn.token_order.order_permutation`). Hashable, so patterns can be cached per layout.
     """
 
@@ -53,7 +53,9 @@ class TokenLayout:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.order not in TOKEN_ORDERS:
+        from .token_order import is_token_order
+
+        if not is_token_order(self.order):
             raise ValueError(f"order must be one of {TOKEN_ORDERS}, got {self.order!r}")
 
     @property

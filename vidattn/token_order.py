@@ -14,6 +14,7 @@ read the order from the :class:`~vidattn.layout.TokenLayout`. Nothing patches ``
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
@@ -23,7 +24,8 @@ from torch import nn
 
 from .layout import TokenLayout
 
-__all__ = ["SplitPoints", "OrderHooks", "order_permutation", "sequence_permutation"]
+__all__ = ["SplitPoints", "OrderHooks", "is_token_order", "order_permutation", "parse_tiles", "sequence_permutation",
+           "tile_order"]
 
 
 @dataclass(frozen=True)
@@ -44,16 +46,43 @@ class SplitPoints:
     token_kwargs: tuple[str, ...] = ()
 
 
+def parse_tiles(name: str) -> Optional[tuple[int, int]]:
+    """``(tile_rows, tile_cols)`` of a spatial-tile order name ``"tiles<R>x<C>"`` (e.g. ``"tiles8x16"``), else None."""
+    match = re.fullmatch(r"tiles(\d+)x(\d+)", name)
+    if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        return None
+    return int(match.group(1)), int(match.group(2))
+
+
+def is_token_order(name: object) -> bool:
+    """Whether ``name`` names a token order: ``"raster"``, ``"gilbert"`` or ``"tiles<R>x<C>"``."""
+    return isinstance(name, str) and (name in ("raster", "gilbert") or parse_tiles(name) is not None)
+
+
+def tile_order(frames: int, rows: int, cols: int, tile_rows: int, tile_cols: int) -> torch.Tensor:
+    """Spatial tiles: frame by frame, tiles of ``tile_rows x tile_cols`` cells in raster order of tiles, each tile's
+    cells in raster order (edge tiles are smaller). ``perm[i]`` is the raster index of the i-th token."""
+    t, y, x = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")
+    tiles_per_row = -(-cols // tile_cols)
+    tile = (y // tile_rows) * tiles_per_row + x // tile_cols
+    key = ((t * (-(-rows // tile_rows) * tiles_per_row) + tile) * (tile_rows * tile_cols)
+           + (y % tile_rows) * tile_cols + x % tile_cols)
+    return torch.argsort(key.flatten())
+
+
 @lru_cache(maxsize=32)
 def _cached_order(name: str, frames: int, rows: int, cols: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     if name == "raster":
         return None
+    tiles = parse_tiles(name)
     if name == "gilbert":
         from .gilbert import gilbert_order
 
         perm = gilbert_order(frames, rows, cols).clone()
+    elif tiles is not None:
+        perm = tile_order(frames, rows, cols, *tiles)
     else:
-        raise ValueError(f"unknown token order {name!r}")
+        raise ValueError(f"unknown token order {name!r}: expected 'raster', 'gilbert' or 'tiles<R>x<C>'")
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel())
     return perm, inverse

@@ -28,7 +28,7 @@ from ..context import StepContext
 from ..kernels import BACKENDS, BlockPattern, sparse_attention
 from ..layout import TOKEN_ORDERS, TokenLayout
 from ..plan import AttentionPlan, execute_plan
-from ..token_order import sequence_permutation
+from ..token_order import is_token_order, sequence_permutation
 
 __all__ = ["SparseAttentionProcessor", "ProcessorStats", "FullProcessor", "DenseProcessor"]
 
@@ -393,7 +393,7 @@ class FullProcessor(SparseAttentionProcessor):
         super().__init__(**kwargs)
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        if token_order not in TOKEN_ORDERS:
+        if not is_token_order(token_order):
             raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {token_order!r}")
         self.block_size = block_size
         self.token_order = token_order
