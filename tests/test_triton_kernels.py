@@ -418,7 +418,7 @@ def test_every_fitted_config_gives_the_same_result():
             assert torch.allclose(out, ref_out, atol=1e-5), (kind, tile)
             for g, rg in zip(grads, ref_grads):
                 assert torch.allclose(g, rg, atol=1e-4), (kind, tile)
-    assert len(seen) >= 5
+    assert len(seen) >= 4
 
 
 def test_configs_are_validated():
