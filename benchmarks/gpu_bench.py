@@ -1,31 +1,48 @@
 """Benchmark the triton block-sparse backend against compiled FlexAttention and dense flash SDPA (bf16, CUDA).
 
-For each video shape (Wan2.1-1.3B 480p x 81 frames; HunyuanVideo 720p x 125 frames + 256 text tokens) and each
-block pattern (band and per-head random at several densities, the all-ones pattern, the radial pattern when
-``vidattn.patterns.radial_pattern`` is available) it times forward and forward+backward with CUDA events (warm-up,
-then the median of ``--reps`` runs) and reports
+Shapes, in this order (the first is the one that matters most): HunyuanVideo 720p x 125 frames (32 x 45 x 80 latent
+tokens + 256 text tokens last, 24 heads, d=128), then Wan2.1-1.3B 480p x 81 frames (21 x 30 x 52, 12 heads, d=128).
+Patterns per shape: radial (``vidattn.radial_pattern`` on the real token layout), all-ones, random blocks at 10 / 25
+/ 50 % (one mask shared by the heads, diagonal kept). For each (pattern, pass) the backends dense flash SDPA,
+triton and FlexAttention run **interleaved**: after one warm-up call each, ``--reps`` rounds of one CUDA-event-timed
+call per backend; the median is reported, and the dense time of the same rounds is the speedup baseline.
 
-    TFLOP/s   = flops / time, flops = 4 * B * H * D * pairs (forward), 3.5x that for forward+backward
-                (backward = 2.5 forwards, FlashAttention's convention); pairs = density * S_q * S_kv, i.e. the
-                token pairs of the listed blocks, which is what the sparse kernels compute
-    speedup   = dense time / time     (dense: flash SDPA on the same inputs)
-    efficiency = speedup * density    (1.0: time shrinks exactly with the computed fraction)
+    speedup    = dense time / time
+    efficiency = speedup * density     (1.0: the time shrinks exactly like the computed fraction; density = token
+                                        pairs inside listed blocks)
+    ratio      = time / dense time     (reported for all-ones: the sparse path's overhead on dense work)
+    TFLOP/s    = 4 * B * H * D * pairs / time (forward; fwd+bwd counts 3.5x, FlashAttention's convention)
 
-``--dry-run`` builds the shapes and patterns at reduced size on the CPU and prints the planned rows (no timing).
+FlexAttention is ``torch.compile(flex_attention, dynamic=False)`` on the pattern's ``BlockMask``; its first call in
+this process is reported apart ("first call s": dynamo + inductor, from the inductor cache when the precompile step
+of gpu_check.sh filled it; that step reports the cold compile). Triton's autotuner is run first on a copy of the
+inputs reduced to ``--tune-heads`` heads (same autotune key, so the full-size calls reuse the choice without timing
+every config at full size). Each shape has a time budget (``--budget-s`` split so later shapes keep a reserve); the
+deadline is checked between timed rounds, and rows left are written as skipped. ``gpu_bench.md`` / ``gpu_bench.json``
+under ``--out`` are rewritten after every (pattern, pass) group, so a run killed by a timeout keeps what it measured.
+
+Other modes: ``--ceilings`` (bf16 matmul TFLOP/s and device-to-device copy GB/s, appended to environment.txt),
+``--profile`` (per-kernel CUDA profile of one triton forward+backward on the first shape's radial pattern, then the
+registers / spills / shared memory of every compiled triton kernel of this process), ``--summary`` (the final table
+of gpu_check.sh, from the files under ``--out``; needs no torch). ``--dry-run`` runs each mode at tiny size on the
+CPU (the triton kernels under ``TRITON_INTERPRET=1``, FlexAttention eager, host timers).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import torch
-from vidattn.kernels import BlockPattern, sparse_attention
+# The --summary step reads files only: it must run (fast) where torch is missing or broken.
+if not (__name__ == "__main__" and "--summary" in sys.argv[1:]):
+    import torch
 
 
 @dataclass(frozen=True)
@@ -41,6 +58,7 @@ class Shape:
     height: int
     width: int
     text: int = 0
+    sink_frames: int = 0
 
     @property
     def video_tokens(self) -> int:
@@ -52,95 +70,107 @@ class Shape:
 
 
 SHAPES = {
-    "wan": Shape("wan", "Wan2.1-1.3B 480p x 81f", 1, 12, 128, 21, 30, 52),
-    "hunyuan": Shape("hunyuan", "HunyuanVideo 720p x 125f", 1, 24, 128, 32, 45, 80, 256),
+    "hunyuan": Shape("hunyuan", "HunyuanVideo 720p x 125f", 1, 24, 128, 32, 45, 80, 256, 0),
+    "wan": Shape("wan", "Wan2.1-1.3B 480p x 81f", 1, 12, 128, 21, 30, 52, 0, 1),
 }
 PASSES = ("fwd", "fwd+bwd")
-DEVICE = "cuda"
+DEFAULT_DENSITIES = [0.1, 0.25, 0.5]
+DENSE, TRITON, FLEX = "sdpa flash", "triton", "flex"
+SUMMARY_FILE = "summary.txt"
 
 
 def reduced(shape: Shape) -> Shape:
-    """The dry-run stand-in: about a thousand tokens, two heads."""
-    return replace(shape, heads=2, head_dim=32, frames=min(shape.frames, 5), height=max(2, shape.height // 3),
-                   width=max(2, shape.width // 3), text=min(shape.text, 32))
+    """The dry-run stand-in: one 64-token block or a little more, two heads."""
+    return replace(shape, heads=2, head_dim=32, frames=2, height=4, width=6, text=min(shape.text, 16))
 
 
-def band_mask(nb: int, density: float) -> torch.Tensor:
-    """``|i - j| <= r`` with the half-width r whose block density is closest to ``density``."""
-    def band_density(r: int) -> float:  # nb diagonal blocks plus 2 * sum_{i<=r} (nb - i) off-diagonal ones
-        return (nb + 2 * r * nb - r * (r + 1)) / nb ** 2
-
-    best = min(range(nb), key=lambda r: abs(band_density(r) - density))
-    idx = torch.arange(nb)
-    return (idx[:, None] - idx[None, :]).abs() <= best
+def device_of(args: argparse.Namespace) -> str:
+    return "cpu" if args.dry_run else "cuda"
 
 
-def random_mask(nb: int, heads: int, density: float, seed: int = 0) -> torch.Tensor:
-    """Per-head Bernoulli(density) blocks, diagonal always kept (so every query attends somewhere)."""
+def dtype_of(args: argparse.Namespace) -> "torch.dtype":
+    return torch.float32 if args.dry_run else torch.bfloat16
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------- patterns
+def random_mask(nb: int, density: float, seed: int = 0) -> "torch.Tensor":
+    """Bernoulli blocks whose total density (diagonal included) is about ``density``; shared by all heads."""
     g = torch.Generator().manual_seed(seed)
-    mask = torch.rand(1, heads, nb, nb, generator=g) < density
-    return mask | torch.eye(nb, dtype=torch.bool)
+    p = max(0.0, (density * nb - 1) / max(nb - 1, 1))
+    return (torch.rand(nb, nb, generator=g) < p) | torch.eye(nb, dtype=torch.bool)
 
 
-def radial(shape: Shape, block: int) -> BlockPattern | None:
-    """``vidattn.patterns.radial_pattern`` for the shape, or None when that module is not importable."""
-    try:
-        from vidattn.layout import TextSegment, TokenLayout
-        from vidattn.patterns import radial_pattern
-    except ImportError:
-        return None
+def radial(shape: Shape, block: int):
+    from vidattn.layout import TextSegment, TokenLayout
+    from vidattn.patterns import radial_pattern
+
     text = TextSegment(shape.text, "last") if shape.text else None
-    return radial_pattern(TokenLayout(shape.frames, shape.height, shape.width, text=text), block_size=block)
+    layout = TokenLayout(shape.frames, shape.height, shape.width, text=text)
+    return radial_pattern(layout, block_size=block, sink_frames=min(shape.sink_frames, shape.frames))
 
 
-def build_patterns(shape: Shape, block: int, densities: list[float], device: str) -> list[tuple[str, BlockPattern]]:
+def build_patterns(shape: Shape, block: int, densities: list[float], device: str) -> list[tuple[str, object]]:
+    """``[(name, BlockPattern)]`` in measuring order: radial, all-ones, then the random densities."""
+    from vidattn.kernels import BlockPattern
+
     s = shape.seq_len
     nb = -(-s // block)
     out = []
-    for d in densities:
-        out.append((f"band {d:.0%}", BlockPattern.from_block_mask(band_mask(nb, d), q_len=s, kv_len=s, block_q=block)))
-        out.append((f"random/head {d:.0%}", BlockPattern.from_block_mask(
-            random_mask(nb, shape.heads, d), q_len=s, kv_len=s, block_q=block)))
-    out.append(("all-ones", BlockPattern.full(s, block_q=block)))
     try:
-        rad = radial(shape, block)
-    except (TypeError, ValueError) as exc:
+        out.append(("radial", radial(shape, block)))
+    except (ImportError, TypeError, ValueError) as exc:
         print(f"radial pattern unavailable for {shape.key}: {exc}", file=sys.stderr)
-        rad = None
-    if rad is not None:
-        out.append(("radial", rad))
+    out.append(("all-ones", BlockPattern.full(s, block_q=block)))
+    for d in densities:
+        out.append((f"random {d:.0%}", BlockPattern.from_block_mask(random_mask(nb, d), q_len=s, kv_len=s,
+                                                                    block_q=block)))
     return [(name, p.to(device)) for name, p in out]
 
 
+# ---------------------------------------------------------------------------------------------------- backends
 def flops(shape: Shape, pairs: float, pass_: str) -> float:
     fwd = 4.0 * shape.batch * shape.heads * shape.head_dim * pairs
     return fwd if pass_ == "fwd" else 3.5 * fwd
 
 
-def time_ms(fn: Callable[[], object], warmup: int, reps: int, slow_ms: float = 500.0) -> float:
-    """Median CUDA-event time of ``fn`` after ``warmup`` calls (3 timed calls at most when one takes > slow_ms)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times: list[float] = []
-    while len(times) < (reps if not times or times[0] < slow_ms else min(reps, 3)):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def dense_sdpa(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
-def make_runner(attn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pass_: str) -> Callable:
+def triton_backend(pattern) -> Callable:
+    from vidattn.kernels import sparse_attention
+
+    return lambda q, k, v: sparse_attention(q, k, v, pattern, backend="triton")
+
+
+def flex_function(compiled: bool) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def flex_backend(pattern, flex_fn: Callable) -> Callable:
+    block_mask = pattern.to_block_mask()
+    return lambda q, k, v: flex_fn(q, k, v, block_mask=block_mask)
+
+
+def make_runner(attn: Callable, q, k, v, pass_: str, grad=None) -> Callable:
+    """A no-argument call of ``attn`` for one pass: ``fwd`` under no_grad, ``fwd+bwd`` = forward + autograd.grad."""
     if pass_ == "fwd":
         def run():
             with torch.no_grad():
                 return attn(q, k, v)
         return run
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    grad = torch.randn_like(q)
+    grad = torch.randn_like(q) if grad is None else grad
 
     def run_bwd():
         out = attn(*leaves)
@@ -148,33 +178,91 @@ def make_runner(attn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return run_bwd
 
 
-def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-
-
-def triton_backend(pattern: BlockPattern) -> Callable:
-    return lambda q, k, v: sparse_attention(q, k, v, pattern, backend="triton")
+def make_inputs(shape: Shape, device: str, dtype, heads: int | None = None, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    h = shape.heads if heads is None else heads
+    return [torch.randn(shape.batch, h, shape.seq_len, shape.head_dim, device=device, dtype=dtype, generator=g)
+            for _ in range(4)]  # q, k, v, the output gradient
 
 
-def flex_backend(pattern: BlockPattern, flex_fn: Callable) -> Callable:
-    block_mask = pattern.to_block_mask()
-    return lambda q, k, v: flex_fn(q, k, v, block_mask=block_mask)
+def pretune(pattern, q, k, v, grad, heads: int, device: str) -> float:
+    """Run the triton autotuner on the first ``heads`` heads (the autotune key ignores the head count, so the
+    full-size calls reuse its choice); returns the seconds it took."""
+    if device != "cuda":
+        return 0.0
+    t0 = time.perf_counter()
+    sub = [t[:, :heads] for t in (q, k, v, grad)]
+    fn = triton_backend(pattern)
+    make_runner(fn, *sub[:3], "fwd")()
+    make_runner(fn, *sub[:3], "fwd+bwd", grad=sub[3])()
+    sync(device)
+    return time.perf_counter() - t0
 
 
-def row(shape: Shape, pattern: str, density: float, backend: str, pass_: str, ms: float | None = None,
-        dense_ms: float | None = None, note: str = "") -> dict:
+# ---------------------------------------------------------------------------------------------------- timing
+class Clock:
+    """CUDA events on the GPU, the host clock (after a synchronisation) elsewhere."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def start(self):
+        if self.device == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def stop(self, start) -> Callable[[], float]:
+        if self.device == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return lambda: start.elapsed_time(ev)
+        t = time.perf_counter()
+        return lambda: (t - start) * 1e3
+
+
+def time_group(runners: dict[str, Callable], reps: int, deadline: float, device: str) -> dict[str, list[float]]:
+    """Interleaved rounds: each round calls every runner once, timed on its own; stops at ``deadline``."""
+    clock = Clock(device)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(reps):
+        if time.monotonic() > deadline:
+            break
+        pending = []
+        for name, fn in runners.items():
+            start = clock.start()
+            fn()
+            pending.append((name, clock.stop(start)))
+        sync(device)
+        for name, elapsed in pending:
+            times[name].append(elapsed())
+    return times
+
+
+def first_call(fn: Callable, device: str) -> float:
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------- rows, tables
+def row(shape: Shape, pattern: str, density: float, backend: str, pass_: str, times: list[float] | None = None,
+        dense_ms: float | None = None, first_s: float | None = None, note: str = "") -> dict:
     pairs = density * shape.seq_len * shape.seq_len
-    r = {"shape": shape.title, "tokens": shape.seq_len, "heads": shape.heads, "pattern": pattern,
-         "density": density, "backend": backend, "pass": pass_, "gflop": flops(shape, pairs, pass_) / 1e9,
-         "ms": ms, "tflops": None, "speedup": None, "efficiency": None, "note": note}
+    ms = statistics.median(times) if times else None
+    r = {"shape": shape.key, "title": shape.title, "tokens": shape.seq_len, "heads": shape.heads,
+         "pattern": pattern, "density": density, "backend": backend, "pass": pass_, "ms": ms,
+         "n": len(times or []), "spread": (max(times) - min(times)) / ms if times and ms else None,
+         "gflop": flops(shape, pairs, pass_) / 1e9, "tflops": None, "dense_ms": dense_ms, "speedup": None,
+         "efficiency": None, "ratio": None, "first_s": first_s, "note": note}
     if ms:
         r["tflops"] = flops(shape, pairs, pass_) / (ms * 1e-3) / 1e12
-        if dense_ms:
+        if dense_ms and backend != DENSE:
             r["speedup"] = dense_ms / ms
             r["efficiency"] = r["speedup"] * density
+            r["ratio"] = ms / dense_ms
     return r
 
 
@@ -183,113 +271,404 @@ def fmt(value: float | None, digits: int = 2) -> str:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    columns = ("| shape | pattern | density | backend | pass | time (ms) | TFLOP/s | speedup vs dense | efficiency "
-               "| note |")
-    lines = [header, "", columns, "|---|---|---:|---|---|---:|---:|---:|---:|---|"]
+    lines = [header, "", "| shape | pattern | density | backend | pass | time (ms) | n | spread | TFLOP/s | speedup "
+             "| efficiency | time / dense | first call (s) | note |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} ({r['tokens']} tok, {r['heads']} heads) | {r['pattern']} | "
-                     f"{r['density']:.3f} | {r['backend']} | {r['pass']} | {fmt(r['ms'])} | {fmt(r['tflops'], 1)} | "
-                     f"{fmt(r['speedup'])} | {fmt(r['efficiency'])} | {r['note']} |")
+        lines.append(f"| {r['title']} ({r['tokens']} tok, {r['heads']} heads) | {r['pattern']} | "
+                     f"{r['density']:.3f} | {r['backend']} | {r['pass']} | {fmt(r['ms'], 3)} | {r['n']} | "
+                     f"{fmt(r['spread'])} | {fmt(r['tflops'], 1)} | {fmt(r['speedup'])} | {fmt(r['efficiency'])} | "
+                     f"{fmt(r['ratio'])} | {fmt(r['first_s'], 1)} | {r['note']} |")
     return "\n".join(lines) + "\n"
 
 
-def dry_run(args: argparse.Namespace) -> None:
-    rows = []
-    for key in args.shapes:
-        shape = reduced(SHAPES[key])
-        rows += [row(shape, "dense", 1.0, "dense flash SDPA", pass_, note="planned") for pass_ in args.passes]
-        patterns = build_patterns(shape, 32, args.densities, "cpu")
-        for backend in ("triton",) + (() if args.no_flex else ("flex (compiled)",)):
-            for name, pattern in patterns:
-                rows += [row(shape, name, pattern.density(), backend, pass_, note="planned") for pass_ in args.passes]
-    full = "; ".join(f"{s.title}: B={s.batch}, {s.seq_len} tokens ({s.video_tokens} video + {s.text} text), "
-                     f"{s.heads} heads, d={s.head_dim}" for s in (SHAPES[key] for key in args.shapes))
-    print(markdown(rows, f"# gpu_bench dry run (reduced shapes, CPU, nothing timed)\n\nOn CUDA: {full}; "
-                         f"blocks {args.block}; passes {', '.join(args.passes)}."))
-
-
-def benchmark(args: argparse.Namespace) -> list[dict]:
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_bench needs a CUDA device (use --dry-run on CPU)")
-    flex_fn = None
-    if not args.no_flex:
-        from torch.nn.attention.flex_attention import flex_attention
-        flex_fn = torch.compile(flex_attention, dynamic=False)
-    rows: list[dict] = []
-    start = time.monotonic()
-    for i, key in enumerate(args.shapes):
-        shape = SHAPES[key]
-        # Each shape gets an equal share of what is left of the budget.
-        deadline = time.monotonic() + (args.budget_s - (time.monotonic() - start)) / (len(args.shapes) - i)
-        g = torch.Generator(device=DEVICE).manual_seed(0)
-        q, k, v = (torch.randn(shape.batch, shape.heads, shape.seq_len, shape.head_dim, device=DEVICE,
-                               dtype=torch.bfloat16, generator=g) for _ in range(3))
-        patterns = [(name, p, p.density()) for name, p in build_patterns(shape, args.block, args.densities, DEVICE)]
-        # Dense first (the speedup baseline), then triton on every pattern, then FlexAttention: if the budget runs
-        # out, the rows cut are the comparison ones.
-        jobs = [("dense", 1.0, "dense flash SDPA", lambda: dense_sdpa)]
-        jobs += [(name, d, "triton", lambda p=p: triton_backend(p)) for name, p, d in patterns]
-        if flex_fn is not None:
-            jobs += [(name, d, "flex (compiled)", lambda p=p: flex_backend(p, flex_fn)) for name, p, d in patterns]
-        dense_ms: dict[str, float] = {}
-        for name, density, backend, make in jobs:
-            for pass_ in args.passes:
-                if time.monotonic() > deadline:
-                    rows.append(row(shape, name, density, backend, pass_, note="skipped: time budget"))
-                    continue
-                try:
-                    ms = time_ms(make_runner(make(), q, k, v, pass_), args.warmup, args.reps)
-                    note = ""
-                except Exception as exc:  # noqa: BLE001 (a failed backend is a table row, not the end of the run)
-                    ms, note = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
-                    torch.cuda.empty_cache()
-                if backend == "dense flash SDPA" and ms:
-                    dense_ms[pass_] = ms
-                rows.append(row(shape, name, density, backend, pass_, ms, dense_ms.get(pass_), note))
-                print(markdown(rows[-1:], "").splitlines()[-1], flush=True)
-                write_tables(rows, args)
-        del q, k, v, patterns, jobs
-        torch.cuda.empty_cache()
-    return rows
-
-
-def write_tables(rows: list[dict], args: argparse.Namespace) -> str:
-    """(Re)write gpu_bench.md and gpu_bench.json under ``args.out`` (after every row, so a killed run keeps its
-    rows); returns the markdown."""
+def write_tables(rows: list[dict], args: argparse.Namespace, extra: str = "") -> str:
+    """(Re)write gpu_bench.md and gpu_bench.json under ``args.out``; returns the markdown."""
     import triton
 
-    header = (f"# Block-sparse attention benchmark (bf16)\n\n"
-              f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
-              f"triton {triton.__version__}; median of up to {args.reps} runs after {args.warmup} warm-up; blocks "
-              f"{args.block}x{args.block}. TFLOP/s count the listed blocks only (forward 4·B·H·D·pairs, fwd+bwd 3.5x); "
-              "efficiency = speedup x density.")
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.dry_run else "CPU (dry run)"
+    header = (f"# Block-sparse attention benchmark ({'fp32, dry run' if args.dry_run else 'bf16'})\n\n"
+              f"{dev}, torch {torch.__version__}, triton {triton.__version__}; median of up to {args.reps} "
+              f"interleaved rounds after one warm-up call per backend; blocks {args.block}x{args.block}. "
+              "efficiency = (dense / time) x density, dense = flash SDPA of the same rounds; spread = "
+              f"(max - min) / median.{extra}")
     table = markdown(rows, header)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
         f.write(table)
     with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump({"dry_run": args.dry_run, "rows": rows}, f, indent=1)
     return table
 
 
+# ---------------------------------------------------------------------------------------------------- benchmark
+def benchmark(args: argparse.Namespace) -> list[dict]:
+    device, dtype = device_of(args), dtype_of(args)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_bench needs a CUDA device (use --dry-run on CPU)")
+    flex_fn = None if args.no_flex else flex_function(compiled=not args.dry_run)
+    rows: list[dict] = []
+    start = time.monotonic()
+    end = start + args.budget_s
+    notes = []
+    for i, key in enumerate(args.shapes):
+        shape = reduced(SHAPES[key]) if args.dry_run else SHAPES[key]
+        # The first shape may spend all but the reserve of the shapes after it.
+        deadline = end - args.shape_reserve_s * (len(args.shapes) - 1 - i)
+        print(f"== {shape.title}: {shape.seq_len} tokens, {shape.heads} heads, d={shape.head_dim}; "
+              f"{deadline - time.monotonic():.0f} s budget", flush=True)
+        q, k, v, grad = make_inputs(shape, device, dtype)
+        patterns = build_patterns(shape, args.block, args.densities, device)
+        try:
+            tune_s = pretune(patterns[0][1], q, k, v, grad, min(args.tune_heads, shape.heads), device)
+        except Exception as exc:  # noqa: BLE001 (the triton rows below then fail one by one, with their errors)
+            tune_s = 0.0
+            notes.append(f"{shape.key}: triton autotune failed: {type(exc).__name__}: {str(exc)[:120]}")
+            print(f"   triton autotune FAILED: {type(exc).__name__}: {exc}", flush=True)
+        if tune_s:
+            notes.append(f"{shape.key}: triton autotune on {min(args.tune_heads, shape.heads)} heads took "
+                         f"{tune_s:.1f} s")
+            print(f"   triton autotune ({min(args.tune_heads, shape.heads)} heads): {tune_s:.1f} s", flush=True)
+        dense_first: dict[str, float] = {}
+        for name, pattern in patterns:
+            density = pattern.density()
+            for pass_ in args.passes:
+                backends = {DENSE: dense_sdpa, TRITON: triton_backend(pattern)}
+                if flex_fn is not None:
+                    backends[FLEX] = flex_backend(pattern, flex_fn)
+                if time.monotonic() > deadline:
+                    rows += [row(shape, name, density, b, pass_, note="skipped: time budget") for b in backends]
+                    continue
+                runners, first, notes_b = {}, {}, {}
+                for b, fn in backends.items():
+                    runner = make_runner(fn, q, k, v, pass_, grad)
+                    try:
+                        if b == DENSE and pass_ in dense_first:
+                            first[b] = None
+                        else:
+                            first[b] = first_call(runner, device)
+                            if b == DENSE:
+                                dense_first[pass_] = first[b]
+                        runners[b] = runner
+                    except Exception as exc:  # noqa: BLE001 (a failed backend is a row, not the end of the run)
+                        notes_b[b] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90] if str(exc) else ''}"
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
+                times = time_group(runners, args.reps, deadline, device) if runners else {}
+                dense_ms = statistics.median(times[DENSE]) if times.get(DENSE) else None
+                group = []
+                for b in backends:
+                    t = times.get(b) or None
+                    note = notes_b.get(b, "" if t else "skipped: time budget")
+                    group.append(row(shape, name, density, b, pass_, t, dense_ms, first.get(b), note))
+                rows += group
+                for r in group:
+                    print(markdown([r], "").splitlines()[-1], flush=True)
+                write_tables(rows, args, " " + "; ".join(notes) if notes else "")
+        del q, k, v, grad, patterns
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    write_tables(rows, args, " " + "; ".join(notes) if notes else "")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- ceilings
+def ceilings(args: argparse.Namespace) -> None:
+    """bf16 matmul TFLOP/s (n^3 product, random data) and device-to-device copy GB/s (bytes read + written)."""
+    device = device_of(args)
+    lines = []
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        lines.append(f"device: {p.name}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.1f} GiB, "
+                     f"capability {p.major}.{p.minor}, L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
+        try:
+            import triton
+
+            props = triton.runtime.driver.active.utils.get_device_properties(0)
+            lines.append(f"triton device properties: {props}")
+        except Exception as exc:  # noqa: BLE001
+            lines.append(f"triton device properties: unavailable ({exc})")
+    n = 256 if args.dry_run else 8192
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    times = time_group({"mm": lambda: a @ b}, 10, math.inf, device)["mm"]
+    ms = statistics.median(times)
+    lines.append(f"CEILING matmul {str(dtype).split('.')[-1]} {n}^3: {2 * n**3 / (ms * 1e-3) / 1e12:.1f} TFLOP/s "
+                 f"(median {ms:.3f} ms of 10, random data)")
+    del a, b
+    nbytes = (16 if args.dry_run else 2048) * 2**20
+    x = torch.randn(nbytes // 4, device=device, generator=g)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync(device)
+    times = time_group({"copy": lambda: y.copy_(x)}, 10, math.inf, device)["copy"]
+    ms = statistics.median(times)
+    lines.append(f"CEILING copy {nbytes / 2**20:.0f} MiB: {2 * nbytes / (ms * 1e-3) / 1e9:.0f} GB/s "
+                 f"(read + written, median {ms:.3f} ms of 10)")
+    print("\n".join(lines), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- profile
+def _device_time(evt) -> float:
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        val = getattr(evt, attr, None)
+        if val:
+            return float(val)
+    return 0.0
+
+
+def profile_table(prof, device: str, top: int) -> tuple[str, float]:
+    """Top entries by self device time (CUDA) or self CPU time (dry run) as a text table; total ms."""
+    events = list(prof.key_averages())
+    if device == "cuda":
+        # Kernel entries only (device_type CUDA): a CPU op's own "self device time" would count its kernels twice.
+        kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")] or events
+        timed = [(e, _device_time(e)) for e in kernels]
+        timed = [(e, t) for e, t in timed if t > 0]
+    else:
+        timed = [(e, float(e.self_cpu_time_total)) for e in events if e.self_cpu_time_total > 0]
+    timed.sort(key=lambda et: -et[1])
+    total = sum(t for _, t in timed) / 1e3
+    lines = [f"{'kernel' if device == 'cuda' else 'op (CPU dry run)':<72} {'calls':>6} {'total ms':>10} "
+             f"{'avg ms':>9} {'share':>6}"]
+    for e, t in timed[:top]:
+        lines.append(f"{e.key[:72]:<72} {e.count:>6} {t / 1e3:>10.3f} {t / 1e3 / max(e.count, 1):>9.3f} "
+                     f"{t / 1e3 / total if total else 0:>6.1%}")
+    lines.append(f"{'(all ' + str(len(timed)) + ' entries)':<72} {'':>6} {total:>10.3f}")
+    return "\n".join(lines), total
+
+
+def _compiled(fn) -> list:
+    """Compiled kernels held by a triton JITFunction (all devices), across triton versions."""
+    out = []
+    caches = getattr(fn, "device_caches", None)
+    if caches:
+        for entry in list(caches.values()):
+            cache = entry[0] if isinstance(entry, tuple) else entry
+            out += list(cache.values())
+    elif isinstance(getattr(fn, "cache", None), dict):
+        for cache in fn.cache.values():
+            out += list(cache.values())
+    return out
+
+
+def _constants(fn, kern) -> dict:
+    consts = getattr(getattr(kern, "src", None), "constants", None) or {}
+    names = getattr(fn, "arg_names", [])
+    out = {}
+    for k, v in consts.items():
+        idx = k[0] if isinstance(k, tuple) and k else k
+        name = names[idx] if isinstance(idx, int) and idx < len(names) else str(idx)
+        out[name] = getattr(v, "value", v)
+    return out
+
+
+def kernel_resources() -> str:
+    """Registers, spills and shared memory of every compiled triton kernel of this process (they all ran:
+    autotuning launches each candidate); ``*`` marks the autotuner's choices."""
+    from vidattn.kernels import triton_attention as ta
+    from vidattn.kernels import triton_bwd, triton_fwd
+
+    if getattr(ta, "INTERPRETING", False):
+        return "compiled-kernel resources: none (TRITON_INTERPRET=1: the kernels ran in the interpreter)"
+    chosen = set()
+    for kind, tuner in getattr(ta, "_TUNED", {}).items():
+        for cfg in getattr(tuner, "cache", {}).values():
+            kw = getattr(cfg, "kwargs", {})
+            chosen.add((kind, kw.get("BLOCK_M"), kw.get("BLOCK_N"), cfg.num_warps, cfg.num_stages))
+    fns = {"fwd": triton_fwd.sparse_fwd_kernel, "dkdv": triton_bwd.sparse_bwd_dkdv_kernel,
+           "dq": triton_bwd.sparse_bwd_dq_kernel, "delta": triton_bwd.bwd_delta_kernel}
+    lines = [f"{'kernel':<6} {'tile':>8} {'warps':>5} {'stages':>6} {'regs':>5} {'spills':>6} {'smem B':>7} "
+             f"{'flags':<44} tuned"]
+    for kind, fn in fns.items():
+        for kern in _compiled(fn):
+            try:
+                if hasattr(kern, "result"):  # a FutureKernel of triton's async compile mode
+                    kern = kern.result()
+                if getattr(kern, "module", None) is None and hasattr(kern, "_init_handles"):
+                    kern._init_handles()
+                md = kern.metadata
+                c = _constants(fn, kern)
+                tile = f"{c.get('BLOCK_M', '?')}x{c.get('BLOCK_N', '?')}"
+                flags = " ".join(f"{f}={c[f]}" for f in ("HEAD_DIM", "HAS_PRED", "HAS_KVLENS", "HAS_LSE", "HAS_EPI")
+                                 if f in c)
+                tuned = "*" if (kind, c.get("BLOCK_M"), c.get("BLOCK_N"), md.num_warps, md.num_stages) in chosen \
+                    else ""
+                lines.append(f"{kind:<6} {tile:>8} {md.num_warps:>5} {md.num_stages:>6} "
+                             f"{getattr(kern, 'n_regs', '?'):>5} {getattr(kern, 'n_spills', '?'):>6} "
+                             f"{getattr(md, 'shared', '?'):>7} {flags:<44} {tuned}")
+            except Exception as exc:  # noqa: BLE001
+                lines.append(f"{kind:<6} (unreadable: {type(exc).__name__}: {exc})")
+    return "compiled-kernel resources (every kernel compiled in this process; * = autotuner's choice):\n" + \
+        "\n".join(lines)
+
+
+def profile(args: argparse.Namespace) -> int:
+    """Writes profile.txt: the per-kernel tables, then the compiled-kernel resources; returns 1 if a part failed."""
+    device, dtype = device_of(args), dtype_of(args)
+    key = args.shapes[0]
+    shape = reduced(SHAPES[key]) if args.dry_run else SHAPES[key]
+    q, k, v, grad = make_inputs(shape, device, dtype)
+    name, pattern = build_patterns(shape, args.block, [], device)[0]
+    out = [f"# Per-kernel profile: one forward+backward, {shape.title} ({shape.seq_len} tokens, {shape.heads} heads, "
+           f"d={shape.head_dim}), {name} pattern (density {pattern.density():.3f})", ""]
+    failed = False
+    try:
+        pretune(pattern, q, k, v, grad, min(args.tune_heads, shape.heads), device)
+    except Exception as exc:  # noqa: BLE001
+        out.append(f"triton autotune FAILED: {type(exc).__name__}: {exc}")
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    for label, fn in (("triton " + name, triton_backend(pattern)), (DENSE + " (dense)", dense_sdpa)):
+        try:
+            run = make_runner(fn, q, k, v, "fwd+bwd", grad)
+            run()
+            sync(device)
+            t0 = time.perf_counter()
+            with torch_profile(activities=activities) as prof:
+                run()
+                sync(device)
+            wall = (time.perf_counter() - t0) * 1e3
+            table, total = profile_table(prof, device, 12 if label.startswith("triton") else 5)
+            out += [f"## {label} fwd+bwd: kernel time {total:.2f} ms, wall {wall:.2f} ms (profiled)", table, ""]
+        except Exception as exc:  # noqa: BLE001
+            failed = True
+            out += [f"## {label} fwd+bwd: FAILED {type(exc).__name__}: {exc}", ""]
+    try:
+        out.append(kernel_resources())
+    except Exception as exc:  # noqa: BLE001
+        failed = True
+        out.append(f"compiled-kernel resources: FAILED {type(exc).__name__}: {exc}")
+    text = "\n".join(out)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "profile.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text, flush=True)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def summary(args: argparse.Namespace) -> str:
+    """The closing table of gpu_check.sh, from the files under ``args.out`` (no torch needed)."""
+    out = args.out
+    lines = ["", "=" * 100, "GPU CHECK SUMMARY" + (" (DRY RUN: CPU, interpreter, tiny sizes; times mean nothing)"
+                                                  if args.dry_run else "")]
+    if args.steps:
+        lines.append("steps: " + args.steps)
+    env = _read(os.path.join(out, "environment.txt"))
+    for m in re.finditer(r"^CEILING (.*)$", env, re.M):
+        lines.append("ceiling: " + m.group(1))
+    val = _read(os.path.join(out, "validate.txt"))
+    m = re.search(r"^VALIDATION (.*)$", val, re.M)
+    lines.append("validation: " + (m.group(1) if m else "no result line (step failed or timed out early)"))
+    for m in re.finditer(r"^COVERAGE (.*)$", val, re.M):
+        lines.append("  coverage: " + m.group(1))
+    fails = re.findall(r"^RUN .* FAIL.*$", val, re.M)
+    for f in fails[:5]:
+        lines.append("  " + f[:150])
+    pre = _read(os.path.join(out, "precompile.txt"))
+    flex = re.findall(r"^FLEX_COMPILE (\S+) (\S+) (\S+)", pre, re.M)
+    if flex:
+        lines.append("flex compile, cold (precompile step, parallel with other compiles): " +
+                     ", ".join(f"{s} {p} {t} s" for s, p, t in flex))
+    try:
+        with open(os.path.join(out, "gpu_bench.json")) as f:
+            rows = json.load(f)["rows"]
+    except (OSError, ValueError, KeyError):
+        rows = []
+    if rows:
+        firsts = [f"{r['shape']} {r['pass']} {r['first_s']:.1f} s" for r in rows
+                  if r["backend"] == FLEX and r["first_s"] is not None and r["pattern"] == rows[0]["pattern"]]
+        if firsts:
+            lines.append("flex first call in the benchmark (dynamo + inductor cache): " + ", ".join(firsts))
+        lines += ["", "targets: fwd efficiency >= 0.9, fwd+bwd efficiency >= 0.7 (efficiency = speedup vs SDPA flash"
+                  " x density); all-ones: triton time within 10 % of SDPA flash (time / dense <= 1.10)", "",
+                  f"{'shape':<8} {'pattern':<11} {'dens':>5} | {'fwd: triton':>11} {'sdpa':>8} {'flex':>8} "
+                  f"{'eff':>5} {'flexeff':>7} | {'f+b: triton':>11} {'sdpa':>8} {'flex':>8} {'eff':>5} "
+                  f"{'flexeff':>7} | verdict"]
+        index = {(r["shape"], r["pattern"], r["backend"], r["pass"]): r for r in rows}
+        seen = []
+        for r in rows:
+            if (r["shape"], r["pattern"]) not in seen:
+                seen.append((r["shape"], r["pattern"]))
+        for shp, pat in seen:
+            cells, verdict = [], []
+            dens = next(r["density"] for r in rows if r["shape"] == shp and r["pattern"] == pat)
+            for pass_, target in (("fwd", 0.9), ("fwd+bwd", 0.7)):
+                t = index.get((shp, pat, TRITON, pass_), {})
+                d = index.get((shp, pat, DENSE, pass_), {})
+                fl = index.get((shp, pat, FLEX, pass_), {})
+                cells.append(f"{fmt(t.get('ms'), 2):>11} {fmt(d.get('ms'), 2):>8} {fmt(fl.get('ms'), 2):>8} "
+                             f"{fmt(t.get('efficiency')):>5} {fmt(fl.get('efficiency')):>7}")
+                if pat == "all-ones":
+                    ratio = t.get("ratio")
+                    verdict.append(f"{pass_} time/sdpa {fmt(ratio)}" +
+                                   ("" if ratio is None else (" ok" if ratio <= 1.10 else " MISS")))
+                elif t.get("efficiency") is not None:
+                    verdict.append(f"{pass_} " + ("ok" if t["efficiency"] >= target else "MISS"))
+            lines.append(f"{shp:<8} {pat:<11} {dens:>5.3f} | " + " | ".join(cells) + " | " + ", ".join(verdict))
+        skipped = sum(1 for r in rows if r["ms"] is None)
+        if skipped:
+            lines.append(f"({skipped} benchmark rows without a time: skipped by the time budget or failed; see "
+                         "gpu_bench.md)")
+    else:
+        lines.append("benchmark: no rows (step failed or timed out before the first row)")
+    prof = _read(os.path.join(out, "profile.txt"))
+    m = re.search(r"^## triton .*$", prof, re.M)
+    if m:
+        lines.append("profile: " + m.group(0)[3:])
+    lines.append("=" * 100)
+    text = "\n".join(lines)
+    with open(os.path.join(out, SUMMARY_FILE), "w") as f:
+        f.write(text.lstrip("\n") + "\n")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------- cli
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="build reduced shapes/patterns on CPU, print the plan")
-    parser.add_argument("--shapes", default="wan,hunyuan", help="comma list of " + ",".join(SHAPES))
-    parser.add_argument("--densities", default="0.1,0.25,0.5", help="block densities of the band/random patterns")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--ceilings", action="store_true", help="measure bf16 matmul and copy ceilings, then exit")
+    mode.add_argument("--profile", action="store_true", help="per-kernel profile + compiled-kernel resources")
+    mode.add_argument("--summary", action="store_true", help="print (and write) gpu_check's summary from --out")
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (triton interpreter)")
+    parser.add_argument("--shapes", default="hunyuan,wan", help="comma list of " + ",".join(SHAPES))
+    parser.add_argument("--densities", default=None,
+                        help="densities of the random block patterns (default 0.1,0.25,0.5; 0.25 dry run)")
     parser.add_argument("--passes", default="fwd,fwd+bwd", help="comma list of " + ",".join(PASSES))
-    parser.add_argument("--block", type=int, default=128, help="pattern block size (tokens)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing (compile, autotune)")
-    parser.add_argument("--reps", type=int, default=5, help="timed calls; the median is reported")
-    parser.add_argument("--budget-s", type=float, default=170.0, help="wall-clock budget; later rows are skipped")
+    parser.add_argument("--block", type=int, default=None, help="pattern block size (default 128; 64 dry run)")
+    parser.add_argument("--reps", type=int, default=None, help="timed interleaved rounds (default 3; 1 dry run)")
+    parser.add_argument("--tune-heads", type=int, default=2, help="heads of the autotuning copy of the inputs")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="wall-clock budget of the benchmark")
+    parser.add_argument("--shape-reserve-s", type=float, default=40.0,
+                        help="seconds of the budget kept for each shape after the current one")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--steps", default="", help="(--summary) the step status line of gpu_check.sh")
     parser.add_argument("--out", default=os.environ.get("OUT") or "./gpu_check_out",
-                        help="folder for gpu_bench.md / gpu_bench.json (default: $OUT, else ./gpu_check_out)")
+                        help="folder for the output files (default: $OUT, else ./gpu_check_out)")
     args = parser.parse_args(argv)
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     args.passes = [p.strip() for p in args.passes.split(",") if p.strip()]
-    args.densities = [float(d) for d in args.densities.split(",") if d.strip()]
+    densities = args.densities or ("0.25" if args.dry_run else ",".join(map(str, DEFAULT_DENSITIES)))
+    args.densities = [float(d) for d in densities.split(",") if d.strip()]
+    args.block = args.block or (64 if args.dry_run else 128)
+    args.reps = args.reps or (1 if args.dry_run else 3)
     for s in args.shapes:
         if s not in SHAPES:
             parser.error(f"unknown shape {s!r}; choose from {', '.join(SHAPES)}")
@@ -303,12 +682,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.dry_run:
-        dry_run(args)
+    if args.summary:
+        print(summary(args), flush=True)
         return 0
+    if args.dry_run:
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if args.ceilings:
+        ceilings(args)
+        return 0
+    if args.profile:
+        return profile(args)
     rows = benchmark(args)
-    print("\n" + write_tables(rows, args))
-    return 0
+    failed = [r for r in rows if r["note"] and not r["note"].startswith("skipped") and r["backend"] != FLEX]
+    print(f"gpu_bench: {len(rows)} rows, {sum(r['ms'] is not None for r in rows)} timed, {len(failed)} failed "
+          "(triton / dense; a failed FlexAttention row is reported, not counted)", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

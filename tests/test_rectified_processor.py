@@ -47,8 +47,8 @@ def _capture_attention_inputs(model, inputs, proc):
     seen = {}
     original = type(proc)._attend_planned
 
-    def spy(self, q, k, v, layout):
-        out = original(self, q, k, v, layout)
+    def spy(self, q, k, v, layout, dense_fn=None):
+        out = original(self, q, k, v, layout, dense_fn)
         seen.setdefault("call", (q, k, v, layout, out[0]))
         return out
 
