@@ -52,9 +52,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INTERPRETING = type(sparse_fwd_kernel).__name__ == "InterpretedFunction"
 
 _TUNED: dict[str, Any] = {}
-# Autotuning keys: head dim, pattern blocks, predicate use, input dtype and the sequence lengths bucketed to powers
-# of two (``tune_q``, ``tune_kv``), so a new resolution of similar size reuses the tuned choice.
-_TUNE_KEY = ["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_PRED", "DOT_PREC", "tune_q", "tune_kv"]
+# Autotuning keys: head dim, pattern blocks, the kernel variant (predicate, kv_lens, LSE, epilogue; keys a kernel
+# lacks are ignored), input dtype and the sequence lengths bucketed to powers of two (``tune_q``, ``tune_kv``), so
+# a new resolution of similar size reuses the tuned choice. Not keyed: the pattern's density (the first pattern
+# tuned at a length sets the config for all densities there).
+_TUNE_KEY = ["HEAD_DIM", "BLOCK_Q", "BLOCK_KV", "HAS_PRED", "HAS_KVLENS", "HAS_LSE", "HAS_EPI", "DOT_PREC", "tune_q",
+             "tune_kv"]
 SMEM_LIMIT_SM90 = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 
 
