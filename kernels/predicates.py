@@ -4,14 +4,19 @@ A predicate refines the blocks a :class:`~vidattn.kernels.BlockPattern` marks *p
 (query, key) pair is kept only where ``predicate(q_idx, kv_idx)`` is true. Predicates are written with plain torch
 ops on broadcastable index tensors, so the same object serves the torch backend, FlexAttention's ``mask_mod`` and
 the dense reference; the Triton kernel reads the same fields (bound tables) and evaluates the rule in-kernel.
+
+Only :class:`WindowPredicate` is evaluated in-kernel by Triton. :class:`TemporalWindowPredicate` (a frame window on
+top of it) and :class:`PermutedPredicate` (any raster predicate read through a token order) run on the torch, flex
+and reference backends; the Triton backend refuses them (``auto`` then picks flex on CUDA).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-__all__ = ["WindowPredicate", "window_starts"]
+__all__ = ["PermutedPredicate", "TemporalWindowPredicate", "WindowPredicate", "window_starts"]
 
 
 def window_starts(length: int, half: int, inward: bool = True) -> tuple[torch.Tensor, int]:
@@ -102,3 +107,89 @@ class WindowPredicate:
         x0 = self.col_start[qx]
         inside = (ky >= y0) & (ky < y0 + self.row_len) & (kx >= x0) & (kx < x0 + self.col_len)
         return inside | ~(q_video & k_video)
+
+
+@dataclass(frozen=True, eq=False)
+class TemporalWindowPredicate:
+    """:class:`WindowPredicate` ``spatial`` restricted to a window of frames.
+
+    A video query in frame ``qt`` keeps video keys of frames ``frame_start[qt] <= kt < frame_start[qt] + frame_len``
+    that the spatial window keeps (``frame_start``/``frame_len`` from :func:`window_starts` on the frame axis: inward
+    or truncated like the spatial axes). Pairs that involve a non-video token are always kept. Not evaluated by the
+    Triton kernel (torch, flex and reference backends only).
+    """
+
+    spatial: WindowPredicate
+    frame_start: torch.Tensor
+    frame_len: int
+    _per_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.frame_start.shape != (self.spatial.frames,):
+            raise ValueError(f"frame_start must have shape ({self.spatial.frames},), "
+                             f"got {tuple(self.frame_start.shape)}")
+
+    @classmethod
+    def inward(
+        cls, frames: int, height: int, width: int, half_t: int, half_h: int, half_w: int, *, video_start: int = 0,
+        inward: bool = True,
+    ) -> "TemporalWindowPredicate":
+        """Half sizes ``(half_t, half_h, half_w)`` in frames, rows, columns; ``inward=False``: truncated on every axis."""
+        spatial = WindowPredicate.inward(frames, height, width, half_h, half_w, video_start=video_start, inward=inward)
+        ts, tl = window_starts(frames, half_t, inward)
+        return cls(spatial, ts, tl)
+
+    def to(self, device: torch.device | str) -> "TemporalWindowPredicate":
+        device = torch.device(device)
+        if self.frame_start.device == device:
+            return self
+        if device not in self._per_device:
+            self._per_device[device] = TemporalWindowPredicate(self.spatial.to(device), self.frame_start.to(device),
+                                                               self.frame_len)
+        return self._per_device[device]
+
+    def __call__(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        sp = self.spatial
+        n = sp.video_tokens
+        hw = sp.height * sp.width
+        qv = q_idx - sp.video_start
+        kv = kv_idx - sp.video_start
+        both = (qv >= 0) & (qv < n) & (kv >= 0) & (kv < n)
+        qt = qv.clamp(0, n - 1) // hw
+        kt = kv.clamp(0, n - 1) // hw
+        t0 = self.frame_start[qt]
+        inside = (kt >= t0) & (kt < t0 + self.frame_len)
+        return sp(q_idx, kv_idx) & (inside | ~both)
+
+
+@dataclass(frozen=True, eq=False)
+class PermutedPredicate:
+    """A raster-order predicate read through a token order: ``base(perm[q], perm[kv])``.
+
+    ``perm`` (int64, the whole attention sequence) maps a position of the permuted sequence to its raster sequence
+    index (:func:`vidattn.token_order.sequence_permutation`'s ``perm``; text positions map to themselves). Indices
+    are clamped into ``[0, len(perm))`` before the lookup, so the padded tails some kernels evaluate stay in bounds
+    (their pairs are masked elsewhere). Runs on the torch, flex and reference backends; the Triton kernel evaluates
+    only :class:`WindowPredicate` in-kernel and refuses this class.
+    """
+
+    base: Any
+    perm: torch.Tensor
+    _per_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.perm.dim() != 1 or self.perm.numel() < 1:
+            raise ValueError(f"perm must be a non-empty 1-D tensor, got shape {tuple(self.perm.shape)}")
+
+    def to(self, device: torch.device | str) -> "PermutedPredicate":
+        device = torch.device(device)
+        if self.perm.device == device:
+            return self
+        if device not in self._per_device:
+            base = self.base.to(device) if hasattr(self.base, "to") else self.base
+            self._per_device[device] = PermutedPredicate(base, self.perm.to(device))
+        return self._per_device[device]
+
+    def __call__(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        last = self.perm.numel() - 1
+        return self.base(self.perm[q_idx.clamp(0, last)], self.perm[kv_idx.clamp(0, last)])

@@ -45,8 +45,9 @@ def versions() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def load_pipeline(model: str, device: str, dtype: torch.dtype):
-    """The built-in tiny pipeline (offline) or ``from_pretrained`` for a hub id / local diffusers folder.
+def load_pipeline(model: str, device: str, dtype: torch.dtype, pipeline_cls: Any = None):
+    """The built-in tiny pipeline (offline) or ``from_pretrained`` for a hub id / local diffusers folder;
+    ``pipeline_cls`` (e.g. ``FreeSwimPipeline``) loads that class instead of the checkpoint's own.
 
     Returns ``(pipe, defaults)`` with the model's default call settings.
     """
@@ -54,8 +55,12 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype):
         from .tiny import TINY_PRESETS, tiny_wan_pipeline
 
         preset = TINY_MODELS[model]
-        pipe = tiny_wan_pipeline(preset, seed=0, dtype=dtype if device != "cpu" else torch.float32)
+        pipe = tiny_wan_pipeline(preset, seed=0, dtype=dtype if device != "cpu" else torch.float32,
+                                 pipeline_cls=pipeline_cls)
         return pipe.to(device), dict(TINY_PRESETS[preset])
+    if pipeline_cls is not None:
+        pipe = pipeline_cls.from_pretrained(model, torch_dtype=dtype)
+        return pipe.to(device), call_defaults(pipe)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
@@ -94,15 +99,24 @@ def _pipeline_factors(pipe) -> tuple[int, int]:
 
 
 def generate_video(request: GenerationRequest, processor: SparseAttentionProcessor, out: Path, *,
-                   overwrite: bool = False, method: Optional[dict] = None) -> dict:
-    """Generate one video and write ``out`` (mp4) and ``out.with_suffix('.json')``; returns the sidecar dict."""
+                   overwrite: bool = False, method: Optional[dict] = None, freeswim: Optional[dict] = None) -> dict:
+    """Generate one video and write ``out`` (mp4) and ``out.with_suffix('.json')``; returns the sidecar dict.
+
+    ``freeswim``: FreeSwimPipeline's own options (base size, mode, cache_steps, strength); the video is generated
+    at the base size, upsampled and refined with ``processor`` (a ``FreeSwimProcessor``) at the requested size.
+    """
     from .video_io import write_sidecar, write_video
 
     out = Path(out)
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _DTYPES[request.dtype] if request.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     t0 = time.perf_counter()
-    pipe, defaults = load_pipeline(request.model, device, dtype)
+    pipeline_cls = None
+    if freeswim is not None:
+        from .freeswim import FreeSwimPipeline
+
+        pipeline_cls = FreeSwimPipeline
+    pipe, defaults = load_pipeline(request.model, device, dtype, pipeline_cls)
     load_s = time.perf_counter() - t0
     def pick(value, key):
         if value is None and defaults.get(key) is None:
@@ -117,21 +131,26 @@ def generate_video(request: GenerationRequest, processor: SparseAttentionProcess
         "guidance": pick(request.guidance, "guidance_scale"),
     }
     check_geometry(settings["frames"], settings["height"], settings["width"], *_pipeline_factors(pipe))
-    inst = vidattn.apply(pipe, processor)
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
+    call = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
+                num_frames=settings["frames"], height=settings["height"], width=settings["width"],
+                num_inference_steps=settings["steps"], guidance_scale=settings["guidance"], generator=generator,
+                output_type="np")
     t1 = time.perf_counter()
-    try:
-        result = pipe(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
-                      num_frames=settings["frames"], height=settings["height"], width=settings["width"],
-                      num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-                      generator=generator, output_type="np")
-    finally:
-        vidattn.remove(pipe)
+    if freeswim is not None:  # the pipeline installs the processor for its refinement stage itself
+        result = pipe(**call, processor=processor, **freeswim)
+        settings["freeswim"] = dict(freeswim)
+    else:
+        vidattn.apply(pipe, processor)
+        try:
+            result = pipe(**call)
+        finally:
+            vidattn.remove(pipe)
     generate_s = time.perf_counter() - t1
     frames = result.frames[0]
     t2 = time.perf_counter()
     video = write_video(frames, out, fps=request.fps, overwrite=overwrite)
-    stats = inst.stats.summary()
+    stats = processor.stats.summary()
     sidecar: dict[str, Any] = {
         "video": str(video),
         "sidecar": str(out.with_suffix(".json")),

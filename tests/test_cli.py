@@ -152,3 +152,31 @@ def test_mask_rectified_prints_and_draws(tmp_path, capsys):
     assert "--head" in capsys.readouterr().err
     assert main(["mask", "rectified", "--drop-rate", "1"]) == 2
     assert "--drop-rate" in capsys.readouterr().err
+
+
+def test_generate_tiny_freeswim_writes_target_size(tmp_path, capsys):
+    imageio = pytest.importorskip("imageio.v3")
+    out = tmp_path / "hi.mp4"
+    rc = main(["generate", "--model", "tiny", "--method", "freeswim", "--height", "128", "--width", "128",
+               "--frames", "9", "--steps", "4", "--mode", "cache", "--cache-steps", "2", "--out", str(out)])
+    assert rc == 0
+    frames = imageio.imread(out)
+    assert frames.shape[:3] == (9, 128, 128)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["method"]["method"] == "freeswim" and meta["method"]["base_rows"] == 4
+    assert meta["settings"]["freeswim"]["mode"] == "cache" and meta["settings"]["height"] == 128
+    assert meta["attention"]["sparse_calls"] > 0
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--method", "freeswim", "--height", "120"], "--height"),
+    (["--method", "freeswim", "--base-height", "70"], "--base-height"),
+    (["--method", "freeswim", "--cache-steps", "0"], "--cache-steps"),
+    (["--method", "freeswim", "--strength", "1.5"], "--strength"),
+    (["--method", "freeswim", "--tiles", "8"], "--tiles"),
+    (["--method", "radial", "--mode", "cache"], "--mode"),
+])
+def test_generate_freeswim_bad_values(tmp_path, capsys, argv, option):
+    assert main(["generate", "--model", "tiny", *argv, "--out", str(tmp_path / "v.mp4")]) == 2
+    assert option in capsys.readouterr().err
+    assert not (tmp_path / "v.mp4").exists()

@@ -163,6 +163,7 @@ def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
                 first = first or copy
                 adapter.set_processor(module, copy)
             order = processor.token_order if adapter.supports_token_order(t) else "raster"
+            _install_cross(part, adapter, t, processor, context)
             hook = StepHook(adapter, context, first, order)
             part.hook_id = t.register_forward_pre_hook(hook, with_kwargs=True).id
             if order != "raster":  # after the step hook, which sets the call's layout (and so its order)
@@ -175,6 +176,24 @@ def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
         setattr(part.transformer, _ATTR, part)
     processor.context = context
     return inst
+
+
+def _install_cross(part: _TransformerChanges, adapter: ModelAdapter, transformer: nn.Module,
+                   processor: SparseAttentionProcessor, context: StepContext) -> None:
+    """Per-layer copies of the method's cross-attention processor (``processor.cross_processor()``, e.g. FreeSwim's
+    record/replay) on the family's cross-attention modules; recorded for exact restore."""
+    make = getattr(processor, "cross_processor", None)
+    if make is None:
+        return
+    modules = adapter.cross_attention_modules(transformer)
+    if not modules:
+        processor.log_once("no-cross", f"vidattn: {adapter.title or adapter.name} has no separate cross-attention; "
+                           f"{type(processor).__name__}'s cross-attention roles do not apply there")
+        return
+    cross = make()
+    for layer, (_, module) in enumerate(modules):
+        part.originals.append((adapter, module, adapter.get_processor(module)))
+        adapter.set_processor(module, cross.for_layer(layer, context, adapter))
 
 
 def _undo(inst: Installation) -> None:

@@ -1,7 +1,9 @@
 """StepContext: the per-forward facts a processor needs and diffusers does not pass to it."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -10,7 +12,37 @@ import torch
 
 from .layout import TokenLayout
 
-__all__ = ["StepContext"]
+__all__ = ["PassContext", "StepContext"]
+
+PASS_BRANCHES = (None, "full", "window")
+CROSS_ROLES = ("own", "record", "replay")
+CFG_HALVES = (None, "cond", "uncond")
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """Which pass the transformer calls inside :meth:`StepContext.passing` are, set explicitly by a pipeline.
+
+    ``branch``: FreeSwim's ``"full"`` (full self-attention at the target size) or ``"window"`` branch (``None``:
+    not a FreeSwim pass); ``cross``: what cross-attention processors do — ``"own"`` (stock), ``"record"`` (compute
+    and store each layer's output) or ``"replay"`` (return the stored output of that layer); ``cfg``: ``"cond"`` or
+    ``"uncond"`` when the pipeline runs the guidance halves as separate calls; ``step``: the refinement step the
+    pipeline is on (the step hook's own count is the fallback for stock pipelines); ``training``.
+    """
+
+    branch: Optional[str] = None
+    cross: str = "own"
+    cfg: Optional[str] = None
+    step: Optional[int] = None
+    training: bool = False
+
+    def __post_init__(self) -> None:
+        if self.branch not in PASS_BRANCHES:
+            raise ValueError(f"branch must be one of {PASS_BRANCHES}, got {self.branch!r}")
+        if self.cross not in CROSS_ROLES:
+            raise ValueError(f"cross must be one of {CROSS_ROLES}, got {self.cross!r}")
+        if self.cfg not in CFG_HALVES:
+            raise ValueError(f"cfg must be one of {CFG_HALVES}, got {self.cfg!r}")
 
 
 @dataclass
@@ -39,6 +71,8 @@ class StepContext:
     #: runs dense (``None``: sparse)
     layout: Optional[TokenLayout] = None
     step_reason: Optional[str] = None
+    #: the pass the pipeline declared for the calls in progress (:meth:`passing`); the default pass otherwise
+    current: PassContext = field(default_factory=PassContext)
     calls: int = 0
     generations: int = 0
     _last: Optional[float] = field(default=None, repr=False)
@@ -92,6 +126,17 @@ class StepContext:
             self._count(t)
         self._last = t
         self.timestep = t
+
+    @contextlib.contextmanager
+    def passing(self, **fields: Any) -> Iterator[PassContext]:
+        """Declare the pass of the transformer calls in the ``with`` block (see :class:`PassContext`); restores the
+        previous pass on exit, also on errors."""
+        previous = self.current
+        self.current = PassContext(**fields)
+        try:
+            yield self.current
+        finally:
+            self.current = previous
 
     def set_layout(self, layout: Optional[TokenLayout]) -> None:
         """Record this call's layout, keeping the previous object when equal (compiled graphs guard on identity)."""

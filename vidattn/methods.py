@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional
 
 from .processors import DenseProcessor, FullProcessor, SparseAttentionProcessor
 from .processors.radial import RADIAL_PRESETS, RadialProcessor
+from .processors.freeswim import FREESWIM_PRESETS, FreeSwimProcessor
 from .processors.rectified import RECTIFIED_PRESETS, RectifiedProcessor
 
 __all__ = ["MethodSpec", "METHODS", "make_processor", "register_method"]
@@ -40,6 +41,12 @@ register_method(MethodSpec("rectified", RectifiedProcessor, presets=RECTIFIED_PR
                            knobs=("drop_rate", "top_p", "block_size", "first_frame", "gapr", "dense_steps",
                                   "dense_layers", "dense_last_steps", "backend", "token_order"),
                            help="Rectified SpaAttn: per-head pooled selection with IPAR/GAPR rectification"))
+register_method(MethodSpec("freeswim", FreeSwimProcessor, presets=FREESWIM_PRESETS,
+                           knobs=("base_rows", "base_cols", "inward", "temporal", "scale_ratio", "scale_base_tokens",
+                                  "block_size", "tiles", "cache_device", "dense_steps", "dense_layers",
+                                  "dense_last_steps", "backend"),
+                           help="FreeSwim: inward window self-attention of the base grid with cross-attention "
+                                "override (high resolution; generate runs FreeSwimPipeline)"))
 
 
 def make_processor(method: str, preset: Optional[str] = None, **overrides: Any) -> SparseAttentionProcessor:

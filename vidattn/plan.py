@@ -48,8 +48,13 @@ class AttentionPlan:
     scale: Optional[float] = None
     perm: Optional[torch.Tensor] = None
     inverse: Optional[torch.Tensor] = None
+    dense: bool = False  # no parts: the stock dense path (diffusers' dispatcher) with this plan's scale
 
     def __post_init__(self) -> None:
+        if self.dense:
+            if self.parts or self.perm is not None:
+                raise ValueError("a dense plan has no parts and no order")
+            return
         if not self.parts:
             raise ValueError("a plan needs at least one part")
         edge = 0
@@ -66,6 +71,12 @@ class AttentionPlan:
         """One pattern over all query rows (static methods)."""
         return cls(parts=(PlanPart(0, pattern.q_len, pattern),), scale=scale)
 
+    @classmethod
+    def dense_path(cls, scale: Optional[float] = None) -> "AttentionPlan":
+        """Full attention through the stock dense path (diffusers' dispatcher, so the user's attention backend is
+        kept) with a method's own ``scale`` (FreeSwim's full branch)."""
+        return cls(parts=(), scale=scale, dense=True)
+
     @property
     def q_len(self) -> int:
         return self.parts[-1].stop
@@ -73,6 +84,8 @@ class AttentionPlan:
     def density(self) -> torch.Tensor | float:
         """Fraction of the token pairs the plan's kernels compute (row-weighted over parts). A float for head-shared
         patterns; for per-head patterns a device tensor (no host synchronisation; stats convert it when read)."""
+        if self.dense:
+            return 1.0
         total = 0.0
         for part in self.parts:
             total = total + part.pattern.density_value() * (part.stop - part.start)
@@ -81,7 +94,10 @@ class AttentionPlan:
 
 def execute_plan(plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "auto",
                  layout: str = "bshd") -> torch.Tensor:
-    """Run ``plan`` on q, k, v (``layout`` "bshd", diffusers' order, or "bhsd"); returns the output in that layout."""
+    """Run ``plan`` on q, k, v (``layout`` "bshd", diffusers' order, or "bhsd"); returns the output in that layout.
+    Dense plans are run by their caller (the stock path)."""
+    if plan.dense:
+        raise ValueError("a dense plan runs through the caller's dense path, not execute_plan")
     dim = 1 if layout == "bshd" else 2
     if plan.perm is not None:
         perm = plan.perm.to(q.device)

@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default="a red fox running through fresh snow, cinematic", help="text prompt")
     p.add_argument("--negative-prompt", default="", help="negative prompt (used when guidance > 1)")
     p.add_argument("--method", default="dense",
-                   help="attention method: dense, full, radial, rectified (default: dense)")
+                   help="attention method: dense, full, radial, rectified, freeswim (default: dense; freeswim "
+                        "generates at --base-height x --base-width and refines at --height x --width)")
     p.add_argument("--preset", default=None, help="method preset, e.g. wan-1x for radial or hunyuan for rectified "
                                                   "(knobs below override it)")
     p.add_argument("--dense-steps", type=int, default=None, help="first N denoising steps dense")
@@ -28,6 +29,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rectified: first-frame rule (default: corner on Wan, off elsewhere)")
     p.add_argument("--no-gapr", dest="gapr", action="store_const", const=False, default=None,
                    help="rectified: compensate every non-critical block (ablation of GAPR)")
+    p.add_argument("--base-height", type=int, default=None,
+                   help="freeswim: base (training) height in pixels (default: 480; the tiny model: 64)")
+    p.add_argument("--base-width", type=int, default=None,
+                   help="freeswim: base (training) width in pixels (default: 832; the tiny model: 64)")
+    p.add_argument("--mode", default=None, choices=("cache", "nocache"),
+                   help="freeswim: cross-attention override refreshed every --cache-steps (cache, default) or every "
+                        "step (nocache)")
+    p.add_argument("--cache-steps", type=int, default=None, help="freeswim: refresh period in steps (default 2)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="freeswim: share of the refinement schedule run, in (0, 1] (default 0.7)")
+    p.add_argument("--tiles", default=None, help="freeswim: spatial-tile token order RxC, e.g. 8x16")
     p.add_argument("--block-size", type=int, default=None, help="sparse block size in tokens")
     p.add_argument("--backend", default=None, help="sparse kernel backend: auto, torch, flex, triton, reference")
     p.add_argument("--model", default="tiny",
@@ -63,11 +75,44 @@ def _default_out(method: str, seed: int) -> Path:
     return path
 
 
+def _freeswim_options(args: argparse.Namespace) -> tuple[dict, dict]:
+    """FreeSwimPipeline's call options and the processor's knobs from the command line (ValueError naming the
+    option on bad values)."""
+    tiny = args.model.startswith("tiny")
+    base_h = args.base_height or (64 if tiny else 480)
+    base_w = args.base_width or (64 if tiny else 832)
+    for name, value in (("--base-height", base_h), ("--base-width", base_w)):
+        if value < 16 or value % 16:
+            raise ValueError(f"{name} must be a positive multiple of 16, got {value}")
+    if args.cache_steps is not None and args.cache_steps < 1:
+        raise ValueError(f"--cache-steps must be >= 1, got {args.cache_steps}")
+    if args.strength is not None and not 0 < args.strength <= 1:
+        raise ValueError(f"--strength must lie in (0, 1], got {args.strength}")
+    tiles = None
+    if args.tiles is not None:
+        parts = args.tiles.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--tiles must be RxC with positive integers (e.g. 8x16), got {args.tiles!r}")
+        tiles = (int(parts[0]), int(parts[1]))
+    call = {"base_height": base_h, "base_width": base_w, "mode": args.mode or "cache",
+            "cache_steps": args.cache_steps or 2, "strength": 0.7 if args.strength is None else args.strength}
+    knobs = {"base_rows": base_h // 16, "base_cols": base_w // 16, "tiles": tiles}
+    if args.preset is None:
+        knobs["scale_ratio"] = 2.0
+    return call, knobs
+
+
 def run(args: argparse.Namespace) -> int:
     from vidattn.methods import METHODS, make_processor
 
+    freeswim_args = ("base_height", "base_width", "mode", "cache_steps", "strength", "tiles")
+    if args.method != "freeswim":
+        for name in freeswim_args:
+            if getattr(args, name) is not None:
+                return _fail(f"--{name.replace('_', '-')} applies to --method freeswim only")
     try:
-        processor = make_processor(args.method, args.preset, dense_steps=args.dense_steps,
+        freeswim, freeswim_knobs = _freeswim_options(args) if args.method == "freeswim" else (None, {})
+        processor = make_processor(args.method, args.preset, **freeswim_knobs, dense_steps=args.dense_steps,
                                    dense_layers=args.dense_layers, dense_last_steps=args.dense_last_steps,
                                    decay=args.decay, block_size=args.block_size, backend=args.backend,
                                    drop_rate=args.drop_rate, top_p=args.top_p, first_frame=args.first_frame,
@@ -98,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
                 setattr(request, field_name, published[key])
     try:
         result = generate_video(request, processor, out, overwrite=args.overwrite,
-                                method={"method": args.method, "preset": args.preset})
+                                method={"method": args.method, "preset": args.preset}, freeswim=freeswim)
     except ValueError as err:
         return _fail(str(err))
     stats = result["attention"]

@@ -37,9 +37,10 @@ def register(subparsers: Any) -> None:
                              "mochi 256)")
     radial.add_argument("--png", default=None, help="write the block mask picture here (white = computed)")
     radial.set_defaults(func=run)
-    from . import mask_rectified
+    from . import mask_rectified, mask_window
 
     mask_rectified.register(methods)
+    mask_window.register(methods)
 
 
 def _fail(message: str) -> int:

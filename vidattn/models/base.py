@@ -48,6 +48,21 @@ class ModelAdapter:
         return [(f"{container}.{i}.{attr}", getattr(block, attr))
                 for i, block in enumerate(getattr(transformer, container))]
 
+    #: ``(block container, attention attribute)`` of the text cross-attention modules (``None``: the family has
+    #: none — joint attention); used by methods that act on cross-attention too (FreeSwim's override)
+    cross_attention_path: Optional[tuple[str, str]] = None
+
+    def cross_attention_modules(self, transformer: nn.Module) -> list[tuple[str, nn.Module]]:
+        if self.cross_attention_path is None:
+            return []
+        container, attr = self.cross_attention_path
+        return [(f"{container}.{i}.{attr}", getattr(block, attr))
+                for i, block in enumerate(getattr(transformer, container))]
+
+    def stock_cross_processor(self, processor: Any) -> Any:
+        """The stock diffusers processor of this family's cross-attention modules (with ``processor``'s backend)."""
+        return self._stock(processor)
+
     def get_processor(self, module: nn.Module) -> Any:
         return module.get_processor() if hasattr(module, "get_processor") else module.processor
 
@@ -81,12 +96,17 @@ class ModelAdapter:
 
     @staticmethod
     def dispatcher_dense(processor, attention_mask: Optional[torch.Tensor]):
-        """The stock dense op: diffusers' ``dispatch_attention_fn`` with the processor's backend and CP config."""
+        """The stock dense op: diffusers' ``dispatch_attention_fn`` with the processor's backend and CP config
+        (``scale``: a method's own softmax scale; ``None`` is the stock ``D**-0.5``)."""
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+            if scale is None:  # the stock call, argument for argument
+                return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                             backend=processor._attention_backend,
+                                             parallel_config=processor._parallel_config)
             return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                         backend=processor._attention_backend,
+                                         scale=scale, backend=processor._attention_backend,
                                          parallel_config=processor._parallel_config)
 
         return dense

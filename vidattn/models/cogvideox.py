@@ -90,9 +90,9 @@ class CogVideoXAdapter(ModelAdapter):
             if not attn.is_cross_attention:
                 key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], rotary_emb)
 
-        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+                                                 attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale)
             return out.transpose(1, 2)
 
         layout = None

@@ -48,6 +48,7 @@ def ltx_rope_layout(rotary_emb: Any, seq_len: int) -> Optional[TokenLayout]:
 
 
 class LTXAdapter(ModelAdapter):
+    cross_attention_path = ("transformer_blocks", "attn2")
     split_points = SplitPoints(rope="rope", rope_dim=1, token_kwargs=("timestep",),
                                first_block="transformer_blocks.0", output="proj_out")
     name = "ltx"

@@ -115,9 +115,9 @@ class MochiAdapter(ModelAdapter):
         video_len, text_len = query.size(2), enc_query.size(2)
         total = video_len + text_len
 
-        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 dropout_p=0.0, is_causal=False)
+                                                 dropout_p=0.0, is_causal=False, scale=scale)
             return out.transpose(1, 2)
 
         video = self.context_layout(processor) or processor.cached_rope_layout(

@@ -69,6 +69,7 @@ class WanAdapter(ModelAdapter):
     transformer_classes = ("WanTransformer3DModel",)
     attention_classes = ("WanAttention",)
     self_attention_path = ("blocks", "attn1")
+    cross_attention_path = ("blocks", "attn2")
     split_points = SplitPoints(rope="rope", rope_dim=1, token_kwargs=("timestep",), first_block="blocks.0",
                                output="proj_out")
 

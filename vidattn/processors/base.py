@@ -323,31 +323,40 @@ class SparseAttentionProcessor:
         if torch.compiler.is_compiling():
             if reason is not None:
                 return dense_fn(q, k, v)
-            if self.static_pattern and self.token_order == layout.order:
+            if (self.static_pattern and self.token_order == layout.order
+                    and type(self).plan is SparseAttentionProcessor.plan):
                 return sparse_attention(q, k, v, self._pattern_for(layout, q, k), layout="bshd", backend=self.backend)
-            return self._attend_planned(q, k, v, layout)[0]
+            return self._attend_planned(q, k, v, layout, dense_fn)[0]
         timed = q.device.type == "cpu"
         start = time.perf_counter() if timed else 0.0
         if reason is not None:
             out = dense_fn(q, k, v)
             self.stats.record(False, 1.0, time.perf_counter() - start if timed else 0.0, reason)
             return out
-        out, plan = self._attend_planned(q, k, v, layout)
-        self.stats.record(True, plan.density(), time.perf_counter() - start if timed else 0.0)
+        out, plan = self._attend_planned(q, k, v, layout, dense_fn)
+        seconds = time.perf_counter() - start if timed else 0.0
+        if plan.dense:  # the method asked for full attention (FreeSwim's full branch)
+            self.stats.record(False, 1.0, seconds, "method's full attention")
+        else:
+            self.stats.record(True, plan.density(), seconds)
         return out
 
     @torch.compiler.disable
-    def _attend_planned(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        layout: TokenLayout) -> tuple[torch.Tensor, AttentionPlan]:
+    def _attend_planned(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                        dense_fn=None) -> tuple[torch.Tensor, AttentionPlan]:
         """Plan and execute one sparse call; when the layout is not in the method's token order, q, k, v are put in
-        it here and the output back (eager: plans of dynamic methods are Python objects built per call)."""
+        it here and the output back (eager: plans of dynamic methods are Python objects built per call). A dense
+        plan runs ``dense_fn`` with the plan's scale."""
         order = None
         if layout.order != self.token_order:
             order = self._sequence_order(layout, q.device)
             q, k, v = (t.index_select(1, order[0]) for t in (q, k, v))
             layout = replace(layout, order=self.token_order)
         plan = self.plan(layout, q, k, v)
-        out = execute_plan(plan, q, k, v, backend=self.backend)
+        if plan.dense:
+            out = dense_fn(q, k, v, scale=plan.scale)
+        else:
+            out = execute_plan(plan, q, k, v, backend=self.backend)
         if order is not None:
             out = out.index_select(1, order[1])
         return out, plan

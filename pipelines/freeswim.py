@@ -1,0 +1,174 @@
+"""FreeSwimPipeline: training-free high-resolution Wan 2.1 video (spec ``freeswim.md`` §2.4-§2.6).
+
+1. base generation at the training size (the stock Wan loop, whatever processor is installed);
+2. the decoded frames upsampled to the target size in pixel space (bilinear, ``align_corners=False``);
+3. VAE encode (posterior mode), normalised, noised at the first kept timestep of a refinement schedule built with
+   ``from_config(..., flow_shift=refine_flow_shift)`` (``strength`` of ``num_inference_steps`` run);
+4. refinement at the target size with :class:`~vidattn.processors.freeswim.FreeSwimProcessor` installed: per step
+   and CFG half, passes declared with ``StepContext.passing``:
+
+   | mode | cond, refresh step | cond, other steps | uncond |
+   |---|---|---|---|
+   | ``nocache`` | full (record) → window (replay) | (every step refreshes) | full (record) → window (replay) |
+   | ``cache`` | full (record) → window (replay) | window (replay the last cond record) | window (own) |
+
+   Refresh steps are ``i % cache_steps == 0``, counted from the first kept step. The full branch runs only when
+   it records; no batch row is ever duplicated.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
+
+import vidattn
+from vidattn.processors.freeswim import FreeSwimProcessor
+
+from .dropin import WanPipeline
+
+__all__ = ["FreeSwimPipeline", "FREESWIM_MODES"]
+
+FREESWIM_MODES = ("cache", "nocache")
+
+
+def _check(name: str, ok: bool, accepted: str, value: Any) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+
+
+class FreeSwimPipeline(WanPipeline):
+    """Wan 2.1 T2V with FreeSwim's high-resolution refinement; loads with ``from_pretrained`` like ``WanPipeline``.
+
+    ``pipe(prompt, height=1088, width=1920)`` returns frames at the target size (see the module docstring).
+    """
+
+    vae_cell = 16  # pixels per latent token (VAE 8x, patch 2x)
+
+    def check_freeswim_inputs(self, height: int, width: int, base_height: int, base_width: int, num_frames: int,
+                              strength: float, mode: str, cache_steps: int, num_inference_steps: int) -> None:
+        cell = self.vae_cell
+        for name, value in (("height", height), ("width", width), ("base_height", base_height),
+                            ("base_width", base_width)):
+            _check(name, isinstance(value, int) and value >= cell and value % cell == 0,
+                   f"a positive multiple of {cell} (e.g. 1088, not 1080)", value)
+        _check("num_frames", isinstance(num_frames, int) and num_frames >= 1 and (num_frames - 1) % 4 == 0,
+               "4k+1 (e.g. 81)", num_frames)
+        _check("strength", isinstance(strength, (int, float)) and 0 < strength <= 1, "a number in (0, 1]", strength)
+        _check("mode", mode in FREESWIM_MODES, f"one of {FREESWIM_MODES}", mode)
+        _check("cache_steps", isinstance(cache_steps, int) and cache_steps >= 1, "an integer >= 1", cache_steps)
+        _check("num_inference_steps", isinstance(num_inference_steps, int) and num_inference_steps >= 1,
+               "an integer >= 1", num_inference_steps)
+        if int(num_inference_steps * strength) < 1:
+            raise ValueError(f"strength {strength} of {num_inference_steps} steps runs no refinement step")
+
+    def _refine_scheduler(self, flow_shift: float) -> Any:
+        config = self.scheduler.config
+        key = "flow_shift" if "flow_shift" in config else "shift"
+        return type(self.scheduler).from_config(config, **{key: flow_shift})
+
+    def _encode_video(self, frames: torch.Tensor, generator: Any) -> torch.Tensor:
+        """``(B, F, C, H, W)`` frames in [0, 1] -> normalised latents (posterior mode)."""
+        video = (frames * 2 - 1).permute(0, 2, 1, 3, 4).to(self.vae.dtype)
+        latents = torch.cat([self.vae.encode(v[None]).latent_dist.mode() for v in video])
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+        std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+        return (latents - mean) / std
+
+    def _decode(self, latents: torch.Tensor, output_type: str) -> Any:
+        latents = latents.to(self.vae.dtype)
+        mean = torch.tensor(self.vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latents)
+        std = torch.tensor(self.vae.config.latents_std).view(1, -1, 1, 1, 1).to(latents)
+        video = self.vae.decode(latents * std + mean, return_dict=False)[0]
+        return self.video_processor.postprocess_video(video, output_type=output_type)
+
+    @staticmethod
+    def upsample(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Bilinear pixel-space upsampling of ``(B, F, C, h, w)`` frames (spec §2.6)."""
+        b, f = frames.shape[:2]
+        up = F.interpolate(frames.flatten(0, 1).float(), size=(height, width), mode="bilinear", align_corners=False)
+        return up.clamp(0, 1).unflatten(0, (b, f))
+
+    def _noised_start(self, scheduler: Any, latents: torch.Tensor, steps: int, strength: float,
+                      generator: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        scheduler.set_timesteps(steps, device=latents.device)
+        start = steps - int(steps * strength)
+        timesteps = scheduler.timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        noise = torch.randn(latents.shape, generator=generator, device="cpu", dtype=torch.float32).to(latents)
+        first = timesteps[:1].repeat(latents.shape[0])
+        if hasattr(scheduler, "scale_noise"):
+            return scheduler.scale_noise(latents, first, noise), timesteps
+        return scheduler.add_noise(latents, noise, first), timesteps
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, list[str]], negative_prompt: Optional[Union[str, list[str]]] = None, *,
+                 height: int = 1088, width: int = 1920, num_frames: int = 81, base_height: int = 480,
+                 base_width: int = 832, num_inference_steps: int = 50, base_steps: Optional[int] = None,
+                 guidance_scale: float = 5.0, strength: float = 0.7, refine_flow_shift: float = 9.0,
+                 mode: str = "cache", cache_steps: int = 2, cache_device: Optional[str] = None,
+                 tiles: Optional[tuple[int, int]] = None, backend: str = "auto",
+                 processor: Optional[FreeSwimProcessor] = None, generator: Any = None, output_type: str = "np",
+                 return_dict: bool = True) -> Any:
+        """Base generation, upsampling and FreeSwim refinement (module docstring). ``processor``: a configured
+        :class:`FreeSwimProcessor` for the refinement (its base grid must be the base size's); by default one with
+        FreeSwim's scale (ratio 2), ``tiles``, ``cache_device`` and ``backend``. Its statistics stay readable
+        after the call (``processor.stats``)."""
+        self.check_freeswim_inputs(height, width, base_height, base_width, num_frames, strength, mode, cache_steps,
+                                   num_inference_steps)
+        base_grid = (base_height // self.vae_cell, base_width // self.vae_cell)
+        proc = processor or FreeSwimProcessor(*base_grid, scale_ratio=2.0, tiles=tiles, cache_device=cache_device,
+                                              backend=backend)
+        if (proc.base_rows, proc.base_cols) != base_grid:
+            raise ValueError(f"processor's base grid {proc.base_rows}x{proc.base_cols} does not match base_height x "
+                             f"base_width {base_height}x{base_width} (= {base_grid[0]}x{base_grid[1]} latent cells)")
+        base = super().__call__(prompt, negative_prompt, height=base_height, width=base_width, num_frames=num_frames,
+                                num_inference_steps=base_steps or num_inference_steps, guidance_scale=guidance_scale,
+                                generator=generator, output_type="pt").frames
+        device = self._execution_device
+        latents = self._encode_video(self.upsample(base.to(device), height, width), generator)
+        cfg = guidance_scale > 1.0
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=cfg, device=device)
+        dtype = self.transformer.dtype
+        cond = cond.to(dtype)
+        uncond = None if uncond is None else uncond.to(dtype)
+        stock_scheduler = self.scheduler
+        self.scheduler = self._refine_scheduler(refine_flow_shift)
+        inst = vidattn.apply(self, proc)
+        try:
+            latents, timesteps = self._noised_start(self.scheduler, latents, num_inference_steps, strength, generator)
+            latents = self._refine(inst.context, latents, timesteps, cond, uncond, guidance_scale, mode, cache_steps)
+        finally:
+            vidattn.remove(self)
+            self.scheduler = stock_scheduler
+        video = self._decode(latents, output_type) if output_type != "latent" else latents
+        self.maybe_free_model_hooks()
+        return WanPipelineOutput(frames=video) if return_dict else (video,)
+
+    def _refine(self, ctx: Any, latents: torch.Tensor, timesteps: torch.Tensor, cond: torch.Tensor,
+                uncond: Optional[torch.Tensor], guidance: float, mode: str, cache_steps: int) -> torch.Tensor:
+        dtype = self.transformer.dtype
+
+        def predict(embeds: torch.Tensor, t: torch.Tensor, **pass_fields: Any) -> torch.Tensor:
+            with ctx.passing(**pass_fields):
+                return self.transformer(hidden_states=latents.to(dtype), timestep=t.expand(latents.shape[0]),
+                                        encoder_hidden_states=embeds, return_dict=False)[0]
+
+        with self.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                refresh = mode == "nocache" or i % cache_steps == 0
+                if refresh:
+                    predict(cond, t, branch="full", cross="record", cfg="cond", step=i)
+                noise = predict(cond, t, branch="window", cross="replay", cfg="cond", step=i)
+                if uncond is not None:
+                    if mode == "nocache":
+                        predict(uncond, t, branch="full", cross="record", cfg="uncond", step=i)
+                        noise_u = predict(uncond, t, branch="window", cross="replay", cfg="uncond", step=i)
+                    else:
+                        noise_u = predict(uncond, t, branch="window", cross="own", cfg="uncond", step=i)
+                    noise = noise_u + guidance * (noise - noise_u)
+                latents = self.scheduler.step(noise, t, latents, return_dict=False)[0]
+                bar.update()
+        return latents
