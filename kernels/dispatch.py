@@ -65,12 +65,11 @@ def _has_flex() -> bool:
 
 
 def _triton_fits(pattern: BlockPattern, head_dim: int, dtype: torch.dtype) -> bool:
-    from .predicates import WindowPredicate
-    from .triton_attention import MAX_HEAD_DIM, SUPPORTED_BLOCKS
+    from .triton_attention import MAX_HEAD_DIM, SUPPORTED_BLOCKS, kernel_window
 
     return (pattern.block_q in SUPPORTED_BLOCKS and pattern.block_kv in SUPPORTED_BLOCKS and head_dim <= MAX_HEAD_DIM
             and dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and (pattern.partial is None or isinstance(pattern.predicate, WindowPredicate)))
+            and (pattern.partial is None or kernel_window(pattern.predicate) is not None))
 
 
 _LOGGED: set = set()

@@ -5,9 +5,10 @@ A predicate refines the blocks a :class:`~vidattn.kernels.BlockPattern` marks *p
 ops on broadcastable index tensors, so the same object serves the torch backend, FlexAttention's ``mask_mod`` and
 the dense reference; the Triton kernel reads the same fields (bound tables) and evaluates the rule in-kernel.
 
-Only :class:`WindowPredicate` is evaluated in-kernel by Triton. :class:`TemporalWindowPredicate` (a frame window on
-top of it) and :class:`PermutedPredicate` (any raster predicate read through a token order) run on the torch, flex
-and reference backends; the Triton backend refuses them (``auto`` then picks flex on CUDA).
+:class:`TemporalWindowPredicate` (a frame window on top of :class:`WindowPredicate`) and :class:`PermutedPredicate`
+(any raster predicate read through a token order) run on the torch, flex and reference backends. The Triton kernel
+evaluates only what ``triton_attention.kernel_window`` maps to its in-kernel window (a :class:`WindowPredicate`,
+possibly permuted among the video tokens) and refuses the others (``auto`` then picks flex on CUDA).
 """
 from __future__ import annotations
 
@@ -169,8 +170,8 @@ class PermutedPredicate:
     ``perm`` (int64, the whole attention sequence) maps a position of the permuted sequence to its raster sequence
     index (:func:`vidattn.token_order.sequence_permutation`'s ``perm``; text positions map to themselves). Indices
     are clamped into ``[0, len(perm))`` before the lookup, so the padded tails some kernels evaluate stay in bounds
-    (their pairs are masked elsewhere). Runs on the torch, flex and reference backends; the Triton kernel evaluates
-    only :class:`WindowPredicate` in-kernel and refuses this class.
+    (their pairs are masked elsewhere). Runs on the torch, flex and reference backends; Triton takes it only where
+    ``base`` is a :class:`WindowPredicate` and ``perm`` moves video tokens among themselves (``kernel_window``).
     """
 
     base: Any

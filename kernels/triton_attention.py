@@ -39,7 +39,7 @@ import triton
 
 from .epilogue import Epilogue
 from .pattern import BlockPattern
-from .predicates import WindowPredicate
+from .predicates import PermutedPredicate, WindowPredicate
 from .triton_bwd import bwd_delta_kernel, sparse_bwd_dkdv_kernel, sparse_bwd_dq_kernel
 from .triton_fwd import sparse_fwd_kernel
 
@@ -207,9 +207,10 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Bl
         if blk not in SUPPORTED_BLOCKS:
             raise ValueError(f"pattern {name}={blk} is not supported by the triton backend; "
                              f"use one of {SUPPORTED_BLOCKS}")
-    if pattern.partial is not None and not isinstance(pattern.predicate, WindowPredicate):
-        raise NotImplementedError(f"the triton backend evaluates only WindowPredicate in-kernel, not "
-                                  f"{type(pattern.predicate).__name__}; use the torch or flex backend")
+    if pattern.partial is not None and kernel_window(pattern.predicate) is None:
+        raise NotImplementedError(f"the triton backend evaluates only WindowPredicate (raster, or permuted among the "
+                                  f"video tokens) in-kernel, not {type(pattern.predicate).__name__}; use the torch "
+                                  "or flex backend")
     dev = q.device
     if k.device != dev or v.device != dev:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
@@ -253,26 +254,41 @@ def _csr_args(pattern: BlockPattern, device: torch.device) -> tuple[list, list]:
     return [indptr, indices, nfull], strides
 
 
+def kernel_window(predicate: object) -> tuple[WindowPredicate, torch.Tensor | None] | None:
+    """The in-kernel form of a predicate: ``(window, order table or None)`` for a :class:`WindowPredicate`, or a
+    :class:`PermutedPredicate` of one that permutes only the video tokens among themselves (spatial tiles: the
+    table gives the raster index of each video token); ``None`` for predicates the kernel cannot evaluate."""
+    if isinstance(predicate, WindowPredicate):
+        return predicate, None
+    if isinstance(predicate, PermutedPredicate) and isinstance(predicate.base, WindowPredicate):
+        window, perm = predicate.base, predicate.perm
+        start, n = window.video_start, window.video_tokens
+        table = perm[start:start + n] - start
+        return window, table.to(torch.int32).contiguous()
+    return None
+
+
 def _common(q: torch.Tensor, pattern: BlockPattern) -> tuple[list, list, dict]:
     """kv_lens / predicate tensors, predicate scalars and shared constexprs."""
     device = q.device
     dummy = pattern.indptr.to(device)
     kv_lens = dummy if pattern.kv_lens is None else pattern.kv_lens.to(device=device, dtype=torch.int32)
-    pred = pattern.predicate if pattern.partial is not None else None
-    has_pred = isinstance(pred, WindowPredicate) and pred.video_tokens > 0
+    found = kernel_window(pattern.predicate.to(device) if pattern.partial is not None else None)
+    has_pred = found is not None and found[0].video_tokens > 0
     if has_pred:
-        pred = pred.to(device)
+        pred, order = found
         rows = pred.row_start.to(torch.int32).contiguous()
         cols = pred.col_start.to(torch.int32).contiguous()
+        order_arg = dummy if order is None else order
         scalars = [pred.video_start, pred.video_tokens, pred.width, pred.height * pred.width, pred.row_len,
-                   pred.col_len]
+                   pred.col_len, int(order is not None)]
     else:
-        rows, cols, scalars = dummy, dummy, [0, 1, 1, 1, 0, 0]
+        rows, cols, order_arg, scalars = dummy, dummy, dummy, [0, 1, 1, 1, 0, 0, 0]
     d = q.shape[-1]
     meta = {"HEAD_DIM": d, "BLOCK_D": max(16, triton.next_power_of_2(d)), "HAS_PRED": has_pred,
             "HAS_KVLENS": pattern.kv_lens is not None, "UPCAST": INTERPRETING and q.dtype == torch.bfloat16,
             "DOT_PREC": "ieee" if q.dtype == torch.float32 else "tf32"}
-    return [kv_lens, rows, cols], scalars, meta
+    return [kv_lens, rows, cols, order_arg], scalars, meta
 
 
 def _strides(*tensors: torch.Tensor) -> list[int]:

@@ -66,7 +66,7 @@ def dq_step(it, dq, q, do, lse2, delta, q_win, kv, idx_base, tile_n, offs_d, d_o
 @triton.jit
 def sparse_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV,
-    Indptr, Indices, NFull, KvLens, RowStart, ColStart,
+    Indptr, Indices, NFull, KvLens, RowStart, ColStart, OrderTab,
     sm_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -76,7 +76,7 @@ def sparse_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     stride_pb, stride_ph, stride_ib, stride_ih,
     num_heads, q_len, kv_len, tune_q, tune_kv,
-    video_start, n_video, grid_w, hw, row_len, col_len,
+    video_start, n_video, grid_w, hw, row_len, col_len, has_order,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PRED: tl.constexpr, HAS_KVLENS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -95,7 +95,7 @@ def sparse_bwd_dkdv_kernel(
     k, v = load_tiles((K + b64 * stride_kb + h64 * stride_kh, V + b64 * stride_vb + h64 * stride_vh,
                        stride_ks, stride_kd, stride_vs, stride_vd),
                       offs_n, offs_d, tile_mask(n_ok, d_ok, HEAD_DIM, BLOCK_D), UPCAST)
-    win = (RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len)
+    win = (RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len, OrderTab, has_order)
     k_win = fixed_window_side(offs_n, win, False, HAS_PRED)
     key_tail = pid_n * BLOCK_N + BLOCK_N > kv_lim
 
@@ -131,7 +131,7 @@ def sparse_bwd_dkdv_kernel(
 @triton.jit
 def sparse_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ,
-    Indptr, Indices, NFull, KvLens, RowStart, ColStart,
+    Indptr, Indices, NFull, KvLens, RowStart, ColStart, OrderTab,
     sm_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -140,7 +140,7 @@ def sparse_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     stride_pb, stride_ph, stride_ib, stride_ih,
     num_heads, q_len, kv_len, tune_q, tune_kv,
-    video_start, n_video, grid_w, hw, row_len, col_len,
+    video_start, n_video, grid_w, hw, row_len, col_len, has_order,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PRED: tl.constexpr, HAS_KVLENS: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -161,7 +161,7 @@ def sparse_bwd_dq_kernel(
     lse2, delta = load_lse_delta(Lse + row_base, Delta + row_base, offs_m, m_ok)
 
     kv_lim = kv_limit(kv_len, KvLens, b, HAS_KVLENS)
-    win = (RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len)
+    win = (RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len, OrderTab, has_order)
     q_win = fixed_window_side(offs_m, win, True, HAS_PRED)
     kv = (K + b64 * stride_kb + h64 * stride_kh, V + b64 * stride_vb + h64 * stride_vh,
           stride_ks, stride_kd, stride_vs, stride_vd)

@@ -18,11 +18,16 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def window_coords(idx, video_start, n_video, grid_w, hw):
-    """Video membership and (row, col) of token indices on the frame-major grid (rows/cols 0 off the video)."""
+def window_coords(idx, video_start, n_video, grid_w, hw, OrderTab, has_order):
+    """Video membership and (row, col) of token indices (rows/cols 0 off the video). The video tokens are
+    frame-major raster, or with ``has_order`` in the order ``OrderTab`` gives (``OrderTab[i]`` = raster index of the
+    i-th video token: spatial tiles)."""
     rel = idx - video_start
     inside = (rel >= 0) & (rel < n_video)
-    pos = tl.minimum(tl.maximum(rel, 0), n_video - 1) % hw
+    raster = tl.minimum(tl.maximum(rel, 0), n_video - 1)
+    if has_order != 0:
+        raster = tl.load(OrderTab + raster)
+    pos = raster % hw
     return inside, pos // grid_w, pos % grid_w
 
 
@@ -48,9 +53,9 @@ def window_keep_t(k_in, ky, kx, q_in, y0, x0, row_len, col_len):
 def window_side(idx, win, IS_QUERY: tl.constexpr):
     """Window operands ``(inside, y, x)`` of tokens ``idx``; for queries ``y, x`` are their window's first row/col
     (``RowStart[row]``, ``ColStart[col]``), for keys their own row/col. ``win`` is the kernel's window tuple
-    ``(RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len)``."""
-    RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len = win
-    inside, y, x = window_coords(idx, video_start, n_video, grid_w, hw)
+    ``(RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len, OrderTab, has_order)``."""
+    RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len, OrderTab, has_order = win
+    inside, y, x = window_coords(idx, video_start, n_video, grid_w, hw, OrderTab, has_order)
     if IS_QUERY:
         y = tl.load(RowStart + y)
         x = tl.load(ColStart + x)

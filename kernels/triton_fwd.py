@@ -45,7 +45,7 @@ def online_softmax_step(m_i, l_i, acc, s, v, qk_scale, DOT_PREC: tl.constexpr):
 @triton.jit
 def sparse_fwd_kernel(
     Q, K, V, Out, Lse,
-    Indptr, Indices, NFull, KvLens, RowStart, ColStart, EpScale, EpBias,
+    Indptr, Indices, NFull, KvLens, RowStart, ColStart, OrderTab, EpScale, EpBias,
     sm_scale,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -55,7 +55,7 @@ def sparse_fwd_kernel(
     stride_eb, stride_eh, stride_eq,
     stride_fb, stride_fh, stride_fq, stride_fd,
     num_heads, q_len, kv_len, tune_q, tune_kv,
-    video_start, n_video, grid_w, hw, row_len, col_len,
+    video_start, n_video, grid_w, hw, row_len, col_len, has_order,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PRED: tl.constexpr, HAS_KVLENS: tl.constexpr, HAS_LSE: tl.constexpr, HAS_EPI: tl.constexpr,
@@ -76,7 +76,7 @@ def sparse_fwd_kernel(
           stride_ks, stride_kd, stride_vs, stride_vd)
 
     kv_lim = kv_limit(kv_len, KvLens, b, HAS_KVLENS)
-    win = (RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len)
+    win = (RowStart, ColStart, video_start, n_video, grid_w, hw, row_len, col_len, OrderTab, has_order)
     q_win = fixed_window_side(offs_m, win, True, HAS_PRED)
     start, split, end, idx_base = csr_row(Indptr, Indices, NFull, b, h, qblk,
                                           stride_pb, stride_ph, stride_ib, stride_ih, HAS_PRED)
