@@ -10,11 +10,13 @@ from typing import Any, Callable, TypeVar
 import torch
 from diffusers import (
     AutoencoderKLHunyuanVideo,
+    AutoencoderKLLTXVideo,
     AutoencoderKLWan,
     CogVideoXTransformer3DModel,
     FlowMatchEulerDiscreteScheduler,
     HunyuanVideoPipeline,
     HunyuanVideoTransformer3DModel,
+    LTXPipeline,
     LTXVideoTransformer3DModel,
     MochiTransformer3DModel,
     WanPipeline,
@@ -29,6 +31,8 @@ from transformers import (
     LlamaConfig,
     LlamaModel,
     PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
     UMT5Config,
     UMT5EncoderModel,
 )
@@ -36,9 +40,11 @@ from transformers import (
 __all__ = [
     "FAMILIES",
     "TINY_HUNYUAN_SETTINGS",
+    "TINY_LTX_SETTINGS",
     "TINY_PRESETS",
     "TINY_WAN22_SETTINGS",
     "tiny_hunyuan_pipeline",
+    "tiny_ltx_pipeline",
     "tiny_tokenizer",
     "tiny_transformer",
     "tiny_transformer_inputs",
@@ -398,3 +404,71 @@ def tiny_transformer_inputs(
         "encoder_attention_mask": mask,
         "return_dict": False,
     }
+
+
+# ------------------------------------------------------------------------------------------------------ LTX-Video
+TINY_LTX_SETTINGS: dict[str, Any] = {
+    "height": 64, "width": 64, "num_frames": 9, "num_inference_steps": 2, "guidance_scale": 3.0,
+}
+# LTX-Video's scheduler config (resolution-dependent shift from the token count, terminal sigma 0.1).
+_LTX_SCHEDULER: dict[str, Any] = {
+    "use_dynamic_shifting": True, "base_shift": 0.95, "max_shift": 2.05, "base_image_seq_len": 1024,
+    "max_image_seq_len": 4096, "shift_terminal": 0.1,
+}
+
+
+def _tiny_t5(d_model: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=_vocab_size() + 8, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _tiny_ltx_vae() -> AutoencoderKLLTXVideo:
+    """LTX-Video's VAE layout (patch 4, three spatio-temporal downsamplings: 32x space, 8x time, timestep-conditioned
+    decoder as in LTX-Video 0.9.1+) with 8 channels everywhere and 8 latent channels."""
+    return AutoencoderKLLTXVideo(
+        latent_channels=_LATENT_CHANNELS["ltx"], block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, True, False),
+        decoder_spatio_temporal_scaling=(True, True, True, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=True, patch_size=4,
+        patch_size_t=1,
+    ).eval()
+
+
+def _default_ltx_pipeline_cls() -> type[LTXPipeline]:
+    try:
+        from vidattn.pipelines.dropin import LTXPipeline as VidattnLTXPipeline
+    except ImportError:
+        return LTXPipeline
+    return VidattnLTXPipeline
+
+
+def tiny_ltx_pipeline(
+    seed: int = 0, dtype: torch.dtype = torch.float32, pipeline_cls: type[LTXPipeline] | None = None
+) -> LTXPipeline:
+    """LTX-Video pipeline built fully offline: local word-level tokenizer (128 tokens) + tiny T5 encoder (d_model 16),
+    tiny ``AutoencoderKLLTXVideo`` (32x space / 8x time like the real one, 8 latent channels, timestep-conditioned
+    decoder), the tiny LTX transformer of ``tiny_transformer("ltx")`` (2 heads x 16, patch 1) and LTX-Video's
+    dynamic-shift ``FlowMatchEulerDiscreteScheduler``. 64x64x9 px is a 2 x 2 x 2 latent grid. Defaults:
+    ``TINY_LTX_SETTINGS``. ``dtype`` applies to the transformer and text encoder; the VAE stays float32.
+    ``pipeline_cls`` defaults to ``vidattn.pipelines.LTXPipeline`` when importable (e.g. ``FreeSwimLTXPipeline``).
+    """
+    cls = pipeline_cls or _default_ltx_pipeline_cls()
+
+    def build() -> LTXPipeline:
+        text_encoder = _tiny_t5(_TEXT_DIM["ltx"])
+        vae = _tiny_ltx_vae()
+        transformer = _build_transformer("ltx").eval()
+        return cls(
+            scheduler=FlowMatchEulerDiscreteScheduler(**_LTX_SCHEDULER),
+            vae=vae,
+            text_encoder=_cast(text_encoder, dtype),
+            tokenizer=tiny_tokenizer(model_max_length=128),
+            transformer=_cast(transformer, dtype),
+        )
+
+    return _seeded(seed, build)
