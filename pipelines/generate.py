@@ -67,6 +67,32 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype, pipeline_cls: Any
     return pipe.to(device), call_defaults(pipe)
 
 
+def freeswim_pipeline_class(model: str) -> tuple[Any, int, tuple[int, int]]:
+    """``(pipeline class, pixels per latent token, default base size)`` of FreeSwim for ``model`` (the tiny model,
+    or a Wan 2.1 / LTX-Video checkpoint by its ``model_index.json``); ValueError naming ``--model`` otherwise."""
+    if model in TINY_MODELS:
+        from .freeswim import FreeSwimPipeline
+
+        return FreeSwimPipeline, 16, (64, 64)
+    from diffusers import DiffusionPipeline
+
+    try:
+        name = DiffusionPipeline.load_config(model).get("_class_name", "")
+    except Exception as err:  # offline hub id, missing folder, no model_index.json
+        raise ValueError(f"--model {model}: cannot read its model_index.json ({type(err).__name__}); FreeSwim needs a "
+                         "Wan 2.1 or LTX-Video diffusers checkpoint, or 'tiny'") from None
+    if "LTX" in name:
+        from .freeswim_ltx import FreeSwimLTXPipeline
+
+        return FreeSwimLTXPipeline, 32, (512, 704)
+    if name.startswith("Wan"):
+        from .freeswim import FreeSwimPipeline
+
+        return FreeSwimPipeline, 16, (480, 832)
+    raise ValueError(f"--model {model} is a {name or 'unknown pipeline'}; --method freeswim runs Wan 2.1 and "
+                     "LTX-Video checkpoints")
+
+
 def call_defaults(pipe) -> dict:
     """The pipeline's own defaults for the generation settings, read from its ``__call__`` signature."""
     import inspect
@@ -113,9 +139,7 @@ def generate_video(request: GenerationRequest, processor: SparseAttentionProcess
     t0 = time.perf_counter()
     pipeline_cls = None
     if freeswim is not None:
-        from .freeswim import FreeSwimPipeline
-
-        pipeline_cls = FreeSwimPipeline
+        pipeline_cls = freeswim_pipeline_class(request.model)[0]
     pipe, defaults = load_pipeline(request.model, device, dtype, pipeline_cls)
     load_s = time.perf_counter() - t0
     def pick(value, key):

@@ -30,9 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-gapr", dest="gapr", action="store_const", const=False, default=None,
                    help="rectified: compensate every non-critical block (ablation of GAPR)")
     p.add_argument("--base-height", type=int, default=None,
-                   help="freeswim: base (training) height in pixels (default: 480; the tiny model: 64)")
+                   help="freeswim: base (training) height in pixels (default: Wan 480, LTX-Video 512, tiny 64)")
     p.add_argument("--base-width", type=int, default=None,
-                   help="freeswim: base (training) width in pixels (default: 832; the tiny model: 64)")
+                   help="freeswim: base (training) width in pixels (default: Wan 832, LTX-Video 704, tiny 64)")
     p.add_argument("--mode", default=None, choices=("cache", "nocache"),
                    help="freeswim: cross-attention override refreshed every --cache-steps (cache, default) or every "
                         "step (nocache)")
@@ -78,12 +78,14 @@ def _default_out(method: str, seed: int) -> Path:
 def _freeswim_options(args: argparse.Namespace) -> tuple[dict, dict]:
     """FreeSwimPipeline's call options and the processor's knobs from the command line (ValueError naming the
     option on bad values)."""
-    tiny = args.model.startswith("tiny")
-    base_h = args.base_height or (64 if tiny else 480)
-    base_w = args.base_width or (64 if tiny else 832)
+    from vidattn.pipelines.generate import freeswim_pipeline_class
+
+    _, cell, (default_h, default_w) = freeswim_pipeline_class(args.model)
+    base_h = args.base_height or default_h
+    base_w = args.base_width or default_w
     for name, value in (("--base-height", base_h), ("--base-width", base_w)):
-        if value < 16 or value % 16:
-            raise ValueError(f"{name} must be a positive multiple of 16, got {value}")
+        if value < cell or value % cell:
+            raise ValueError(f"{name} must be a positive multiple of {cell}, got {value}")
     if args.cache_steps is not None and args.cache_steps < 1:
         raise ValueError(f"--cache-steps must be >= 1, got {args.cache_steps}")
     if args.strength is not None and not 0 < args.strength <= 1:
@@ -96,7 +98,7 @@ def _freeswim_options(args: argparse.Namespace) -> tuple[dict, dict]:
         tiles = (int(parts[0]), int(parts[1]))
     call = {"base_height": base_h, "base_width": base_w, "mode": args.mode or "cache",
             "cache_steps": args.cache_steps or 2, "strength": 0.7 if args.strength is None else args.strength}
-    knobs = {"base_rows": base_h // 16, "base_cols": base_w // 16, "tiles": tiles}
+    knobs = {"base_rows": base_h // cell, "base_cols": base_w // cell, "tiles": tiles}
     if args.preset is None:
         knobs["scale_ratio"] = 2.0
     return call, knobs
