@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_command_has_help(capsys):
-    for argv in [[], *[[c] for c in COMMANDS], ["bench", "attention"], ["mask", "radial"], ["mask", "rectified"]]:
+    for argv in [[], *[[c] for c in COMMANDS], ["bench", "attention"], ["mask", "radial"], ["mask", "rectified"],
+                 ["mask", "window"]]:
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--help"])
         assert exit_.value.code == 0

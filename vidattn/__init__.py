@@ -4,10 +4,11 @@ from .context import StepContext
 from .kernels import BlockPattern, Epilogue, WindowPredicate, sparse_attention
 from .layout import TextSegment, TokenLayout
 from .gilbert import block_neighbours, gilbert_inverse, gilbert_order
-from .patterns import radial_pattern, radial_stats, rectified_attention, rectified_selection
+from .patterns import radial_pattern, radial_stats, rectified_attention, rectified_selection, window_pattern
 from .plan import AttentionPlan, PlanPart
 from .processors import (
     DenseProcessor,
+    FreeSwimProcessor,
     FullProcessor,
     ProcessorStats,
     RadialProcessor,
@@ -22,6 +23,7 @@ __all__ = [
     "BlockPattern",
     "DenseProcessor",
     "Epilogue",
+    "FreeSwimProcessor",
     "FullProcessor",
     "Installation",
     "PlanPart",
@@ -44,4 +46,5 @@ __all__ = [
     "rectified_selection",
     "remove",
     "sparse_attention",
+    "window_pattern",
 ]

@@ -17,17 +17,19 @@ Block classification (exact, for any token order): a (query block Q, key block K
   the intersection of the windows, itself a box (max of the starts, min of the ends per axis); also when Q or K
   holds no video token (text pairs are always kept);
 * **listed** iff some pair is kept: Q or K holds text, or some video key of K lies in the window of some video query
-  of Q. For the latter, Q's video tokens are cut into *runs* (raster-contiguous cells of one row, one block),
-  whose windows unite to one box; each row ``(t', y')`` of that box is a raster interval ``[c0, c1]``. The key
+  of Q. For the latter, Q's video tokens are cut into *rectangles* (cells of one block and frame, rows ``ya..yb``
+  x columns ``xa..xb``: raster-contiguous runs of one row, merged over consecutive rows with the same columns),
+  whose windows unite to one box ``Wt(t) x [lo_y(ya), hi_y(yb)] x [lo_x(xa), hi_x(xb)]``; each row ``(t', y')`` of
+  that box is a raster interval ``[c0, c1]``. The key
   cells are cut into *pieces* (maximal raster-contiguous cells of one key block); pieces partition the raster line,
   so the pieces a raster interval meets are the contiguous range ``[piece(c0), piece(c1)]``. A difference array
   over pieces per query block marks them; a piece marked is a key block listed;
 * **partial** iff listed and not full: the token predicate decides inside (it is never rounded to blocks).
 
-Cost: ``runs x frames-in-window x rows-in-window`` intervals plus ``query blocks x pieces`` marks (no loop over block
-pairs). The predicate is :class:`~vidattn.kernels.WindowPredicate` in raster order without a temporal window (the
-Triton kernel evaluates it in-kernel), :class:`~vidattn.kernels.predicates.TemporalWindowPredicate` with one, each
-wrapped in :class:`~vidattn.kernels.predicates.PermutedPredicate` in another token order (torch / flex backends).
+Cost: ``rectangles x frames-in-window x rows-in-box`` intervals plus ``query blocks x pieces`` marks (no loop over block
+pairs). The predicate is :class:`~vidattn.kernels.WindowPredicate` without a temporal window (the Triton kernel
+evaluates it in-kernel), :class:`~vidattn.kernels.predicates.TemporalWindowPredicate` with one (torch / flex /
+reference backends only), each wrapped in :class:`~vidattn.kernels.predicates.PermutedPredicate` outside raster order.
 Padded-text keys are not part of the pattern: callers add ``kv_lens`` with :meth:`BlockPattern.with_kv_lens`.
 """
 from __future__ import annotations
@@ -114,7 +116,7 @@ def _classify(layout: TokenLayout, half_h: int, half_w: int, half_t: Optional[in
         return out.scatter_reduce_(0, blk, values, how, include_self=True)
 
     big = max(f, h, w) + 1
-    small = torch.int16 if big < 1 << 15 else torch.int64  # the per-pair box test runs on narrow integers
+    small = torch.int16 if big < 1 << 14 else torch.int64  # the per-pair box test runs on narrow integers
     q_box = [reduce(tlo[t], "amax", -big), reduce(thi[t], "amin", big), reduce(ylo[y], "amax", -big),
              reduce(yhi[y], "amin", big), reduce(xlo[x], "amax", -big), reduce(xhi[x], "amin", big)]
     k_box = [reduce(t, "amin", big), reduce(t, "amax", -big), reduce(y, "amin", big), reduce(y, "amax", -big),
@@ -122,9 +124,9 @@ def _classify(layout: TokenLayout, half_h: int, half_w: int, half_t: Optional[in
     q_box, k_box = [v.to(small) for v in q_box], [v.to(small) for v in k_box]
     has_video = torch.zeros(nb, dtype=torch.bool)
     has_video[blk] = True
-    ends = torch.clamp(torch.arange(1, nb + 1) * block, max=seq) - torch.arange(nb) * block
+    sizes = torch.clamp(torch.arange(1, nb + 1) * block, max=seq) - torch.arange(nb) * block
     counts = torch.bincount(blk, minlength=nb)
-    has_text = counts < ends  # a block holds text iff not all its tokens are video tokens
+    has_text = counts < sizes  # a block holds text iff not all its tokens are video tokens
 
     # ---- key pieces: raster-contiguous cells of one key block.
     piece_start = torch.ones(n, dtype=torch.bool)
@@ -257,8 +259,8 @@ def window_pattern(layout: TokenLayout, *, base_rows: int, base_cols: int, inwar
     and columns are dense. Exact: blocks wholly inside the window are full entries, blocks wholly outside are not
     listed, the others are partial and carry the token predicate (module docstring). Padded-text keys are not
     masked here (add them with ``with_kv_lens``). Any token order works (raster, ``tiles<R>x<C>``, ``gilbert``);
-    outside raster order without a temporal window the predicate is not Triton's (torch / flex backends).
-    Cached per (layout without text validity, knobs).
+    with a temporal window the predicate is not Triton's (torch / flex / reference backends). Cached per (layout
+    without text validity, knobs).
     """
     if not isinstance(layout, TokenLayout):
         raise ValueError(f"layout must be a TokenLayout, got {type(layout).__name__}")
