@@ -1,6 +1,14 @@
-"""The CPU backend's C++ extension and its rectangle planner: builds here, matches the reference and the Python loop,
-covers every listed block exactly once, and fails loudly on bad input."""
+"""The CPU backend's C++ extension and its rectangle planner: builds here (keyed by source and torch version, under a
+lock, outside the timed region), matches the reference and the Python loop, covers every listed block exactly once,
+and fails loudly on bad input."""
 import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -238,3 +246,111 @@ def test_disabled_extension_falls_back_with_a_log_line(monkeypatch, caplog):
     with torch.inference_mode():
         out = sparse_attention(q, k, v, p, backend="torch")
     assert (out - reference_attention(q, k, v, p)[0]).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- the keyed build
+FAKE_SOURCE = 'extern "C" int vidattn_fake_answer() { return %d; }\n'
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_build_name_is_keyed_by_source_torch_version_and_flags():
+    src = b"int f() { return 1; }"
+    name = cpu_ext.extension_name(src, torch_version="2.5.0")
+    assert name == cpu_ext.extension_name(src, torch_version="2.5.0")
+    assert name.startswith("vidattn_block_sparse_cpu_") and len(name) == len("vidattn_block_sparse_cpu_") + 12
+    assert name != cpu_ext.extension_name(src, torch_version="2.6.0")
+    assert name != cpu_ext.extension_name(b"int f() { return 2; }", torch_version="2.5.0")
+    assert name != cpu_ext.extension_name(src, torch_version="2.5.0", flags=("-O2",))
+    # the default: this checkout's source and the running torch
+    default = cpu_ext.extension_name()
+    assert default == cpu_ext.extension_name(cpu_ext._SOURCE.read_bytes())
+    assert default != cpu_ext.extension_name(torch_version="0.0.0")
+
+
+def test_loaded_extension_lives_under_its_keyed_name():
+    assert cpu_ext.cpu_extension(), cpu_ext.extension_error()
+    name = cpu_ext.extension_name()
+    lib = Path(cpu_ext._build_home(name)) / f"{name}{cpu_ext._LIB_EXT}"
+    assert lib.is_file() and not list(lib.parent.glob("tmp-*"))  # the build folder was cleaned up
+    assert cpu_ext.build_or_load() == lib  # loads the built library: no second build
+
+
+def _fake_source(tmp_path, answer):
+    src = tmp_path / f"fake{answer}.cpp"
+    src.write_text(FAKE_SOURCE % answer)
+    return src
+
+
+def test_build_is_logged_once_and_cached_on_disk(tmp_path, monkeypatch, caplog):
+    import ctypes
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    src = _fake_source(tmp_path, 41)
+    with caplog.at_level(logging.INFO, logger="vidattn.kernels"):
+        lib = cpu_ext.build_or_load(src, prefix="vidattn_test_fake")
+        again = cpu_ext.build_or_load(src, prefix="vidattn_test_fake")
+    assert lib == again and lib.parent.parent == tmp_path / "ext"
+    assert ctypes.CDLL(str(lib)).vidattn_fake_answer() == 41
+    building = [r for r in caplog.records if "building the CPU kernel, once per torch version" in r.getMessage()]
+    assert len(building) == 1
+    assert sorted(p.name for p in lib.parent.iterdir()) == ["build.lock", lib.name]
+
+
+_WORKER = textwrap.dedent("""
+    import ctypes, importlib.util, logging, sys, time
+    from pathlib import Path
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    spec = importlib.util.spec_from_file_location("cpu_ext", sys.argv[3])  # torch only, not all of vidattn
+    cpu_ext = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cpu_ext)
+    go = Path(sys.argv[2])
+    Path(sys.argv[4]).touch()  # ready
+    while not go.exists():
+        time.sleep(0.01)
+    lib = cpu_ext.build_or_load(Path(sys.argv[1]), prefix="vidattn_test_race")
+    print("answer", ctypes.CDLL(str(lib)).vidattn_fake_answer())
+""")
+
+
+@pytest.mark.slow
+def test_concurrent_builds_in_two_processes_both_load(tmp_path):
+    """Two processes start the same build at once: one compiles under the lock, the other waits, both load."""
+    src = _fake_source(tmp_path, 43)
+    go = tmp_path / "go"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "VIDATTN_CPU_EXTENSION": "1"}
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(src), str(go), cpu_ext.__file__, str(r)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ready]
+    deadline = time.monotonic() + 60
+    while not all(r.exists() for r in ready) and time.monotonic() < deadline and None in [p.poll() for p in procs]:
+        time.sleep(0.01)
+    go.touch()  # both imported: they start the build together
+    results = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+        assert "answer 43" in out
+    logs = "".join(err for _, err in results)
+    assert logs.count("compiling (vidattn_test_race_") == 1
+    assert logs.count("waiting for another process (vidattn_test_race_") == 1  # the other one waited on the lock
+    home = next((tmp_path / "ext").iterdir())
+    assert sorted(p.name for p in home.iterdir()) == ["build.lock", f"{home.name}.so"]
+
+
+def test_build_is_not_counted_as_attention_time(monkeypatch):
+    """The first sparse CPU call builds the extension: that time is outside the call's recorded seconds."""
+    from vidattn import FullProcessor, TokenLayout
+
+    def slow_failing_build():
+        time.sleep(0.6)
+        raise RuntimeError("no compiler in this test")
+
+    monkeypatch.setattr(cpu_ext, "_STATE", {})
+    monkeypatch.setattr(cpu_ext, "_build", slow_failing_build)
+    proc = FullProcessor(block_size=16, backend="torch")
+    layout = TokenLayout(2, 4, 4)
+    q, k, v = (torch.randn(1, 32, 2, 8) for _ in range(3))
+    with torch.inference_mode():
+        proc.attend(q, k, v, layout, lambda q, k, v, scale=None: q)
+    assert proc.stats.sparse_calls == 1
+    assert proc.stats.sparse_seconds < 0.3
+    assert cpu_ext._STATE["seconds"] >= 0.6 and "no compiler" in cpu_ext.extension_error()
