@@ -125,3 +125,21 @@ def test_mochi_plain_compile_equals_eager():
         assert max_diff(run_model(compiled, inputs), eager) <= 1e-5
     finally:
         vidattn.remove(model)
+
+
+@pytest.mark.parametrize("make", [lambda: vidattn.RectifiedProcessor(block_size=16),
+                                  lambda: vidattn.FreeSwimProcessor(2, 3, block_size=16)],
+                         ids=["rectified", "freeswim"])
+def test_dynamic_plans_under_plain_compile(make):
+    """Methods whose plans are built per call (and the split-point hooks of a token order) compile with graph
+    breaks at the attention calls and give the eager result."""
+    model = tiny_transformer("wan")
+    inputs = tiny_transformer_inputs("wan", batch=2)
+    vidattn.apply(model, make())
+    try:
+        with torch.no_grad():
+            eager = model(**inputs)[0]
+            compiled = torch.compile(model)(**inputs)[0]
+    finally:
+        vidattn.remove(model)
+    assert (eager - compiled).abs().max().item() < 1e-5
