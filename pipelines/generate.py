@@ -1,18 +1,25 @@
 """Load a pipeline, install an attention processor, generate one video, write it with its metadata sidecar."""
 from __future__ import annotations
 
+import contextlib
+import datetime
+import os
 import platform
+import shlex
+import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 import vidattn
 from vidattn.processors import SparseAttentionProcessor
 
-__all__ = ["GenerationRequest", "load_pipeline", "generate_video", "versions"]
+__all__ = ["GenerationRequest", "OutputWriteError", "load_pipeline", "generate_video", "versions", "device_name",
+           "peak_memory"]
 
 TINY_MODELS = {"tiny": "toy", "tiny-bench": "bench"}
 _CALL_SETTINGS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")
@@ -47,7 +54,8 @@ def versions() -> dict:
 
 def load_pipeline(model: str, device: str, dtype: torch.dtype, pipeline_cls: Any = None):
     """The built-in tiny pipeline (offline) or ``from_pretrained`` for a hub id / local diffusers folder;
-    ``pipeline_cls`` (e.g. ``FreeSwimPipeline``) loads that class instead of the checkpoint's own.
+    ``pipeline_cls`` (e.g. ``FreeSwimPipeline``) loads that class instead of the checkpoint's own. ``dtype`` is
+    honoured on every device (the tiny model's VAE stays float32, as Wan is usually run).
 
     Returns ``(pipe, defaults)`` with the model's default call settings.
     """
@@ -55,8 +63,7 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype, pipeline_cls: Any
         from .tiny import TINY_PRESETS, tiny_wan_pipeline
 
         preset = TINY_MODELS[model]
-        pipe = tiny_wan_pipeline(preset, seed=0, dtype=dtype if device != "cpu" else torch.float32,
-                                 pipeline_cls=pipeline_cls)
+        pipe = tiny_wan_pipeline(preset, seed=0, dtype=dtype, pipeline_cls=pipeline_cls)
         return pipe.to(device), dict(TINY_PRESETS[preset])
     if pipeline_cls is not None:
         pipe = pipeline_cls.from_pretrained(model, torch_dtype=dtype)
@@ -67,20 +74,23 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype, pipeline_cls: Any
     return pipe.to(device), call_defaults(pipe)
 
 
-def freeswim_pipeline_class(model: str) -> tuple[Any, int, tuple[int, int]]:
+def freeswim_pipeline_class(model: str, class_name: Optional[str] = None) -> tuple[Any, int, tuple[int, int]]:
     """``(pipeline class, pixels per latent token, default base size)`` of FreeSwim for ``model`` (the tiny model,
-    or a Wan 2.1 / LTX-Video checkpoint by its ``model_index.json``); ValueError naming ``--model`` otherwise."""
+    or a Wan 2.1 / LTX-Video checkpoint by its ``model_index.json``, or by ``class_name`` when the caller read it
+    already); ValueError naming ``--model`` otherwise."""
     if model in TINY_MODELS:
         from .freeswim import FreeSwimPipeline
 
         return FreeSwimPipeline, 16, (64, 64)
-    from diffusers import DiffusionPipeline
+    name = class_name
+    if name is None:
+        from diffusers import DiffusionPipeline
 
-    try:
-        name = DiffusionPipeline.load_config(model).get("_class_name", "")
-    except Exception as err:  # offline hub id, missing folder, no model_index.json
-        raise ValueError(f"--model {model}: cannot read its model_index.json ({type(err).__name__}); FreeSwim needs a "
-                         "Wan 2.1 or LTX-Video diffusers checkpoint, or 'tiny'") from None
+        try:
+            name = DiffusionPipeline.load_config(model).get("_class_name", "")
+        except Exception as err:  # offline hub id, missing folder, no model_index.json
+            raise ValueError(f"--model {model}: cannot read its model_index.json ({type(err).__name__}); FreeSwim "
+                             "needs a Wan 2.1 or LTX-Video diffusers checkpoint, or 'tiny'") from None
     if "LTX" in name:
         from .freeswim_ltx import FreeSwimLTXPipeline
 
@@ -115,31 +125,144 @@ def check_geometry(frames: int, height: int, width: int, temporal: int, spatial:
 
 
 def _pipeline_factors(pipe) -> tuple[int, int]:
-    """(frames step, pixel multiple) from the pipeline's VAE factors (names differ by family) and patch size."""
-    temporal = int(getattr(pipe, "vae_scale_factor_temporal", getattr(pipe, "vae_temporal_scale_factor", 4)))
-    spatial = int(getattr(pipe, "vae_scale_factor_spatial", getattr(pipe, "vae_spatial_scale_factor", 8)))
+    """(frames step, pixel multiple) from the pipeline's VAE factors (names differ by family: Wan/Hunyuan/CogVideoX
+    ``vae_scale_factor_*``, Mochi ``vae_*_scale_factor``, LTX-Video ``vae_*_compression_ratio``) and patch size."""
+    def first(names: tuple, default: int) -> int:
+        return int(next((getattr(pipe, n) for n in names if getattr(pipe, n, None) is not None), default))
+
+    temporal = first(("vae_scale_factor_temporal", "vae_temporal_scale_factor", "vae_temporal_compression_ratio"), 4)
+    spatial = first(("vae_scale_factor_spatial", "vae_spatial_scale_factor", "vae_spatial_compression_ratio"), 8)
     patch = getattr(getattr(pipe, "transformer", None), "config", None)
     p = getattr(patch, "patch_size", (1, 2, 2)) if patch is not None else (1, 2, 2)
     p_s = p[-1] if isinstance(p, (tuple, list)) else int(p)
     return temporal, spatial * p_s
 
 
+class OutputWriteError(OSError):
+    """The video was computed but could not be written where asked; ``rescued`` is where it was saved instead."""
+
+    def __init__(self, message: str, rescued: Path) -> None:
+        super().__init__(message)
+        self.rescued = rescued
+
+
+def device_name(device: str) -> str:
+    """A readable name of ``device``: the GPU's name, or the CPU model (``/proc/cpuinfo``, else ``platform``)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    if dev.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.lower().startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} CPUs, {torch.get_num_threads()} " \
+                           "torch threads)"
+        except OSError:
+            pass
+        return f"{platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"
+    return dev.type
+
+
+def peak_memory(device: str) -> dict:
+    """Peak memory of the run: CUDA's ``max_memory_allocated`` on a GPU, the process's peak resident set on CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return {"bytes": int(torch.cuda.max_memory_allocated(dev)), "measure": "torch.cuda.max_memory_allocated"}
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"bytes": int(rss if sys.platform == "darwin" else rss * 1024), "measure": "process peak RSS"}
+    except (ImportError, OSError):
+        return {"bytes": None, "measure": "unavailable"}
+
+
+@contextlib.contextmanager
+def _recording_backends():
+    """Counts the kernel backends ``sparse_attention`` runs (by wrapping the dispatcher's loader while the video
+    is generated). Yields a Counter, or None when the dispatcher has no loader to wrap."""
+    from vidattn.kernels import dispatch
+
+    original = getattr(dispatch, "_load", None)
+    if original is None:
+        yield None
+        return
+    seen: Counter = Counter()
+
+    def load(name: str):
+        seen[name] += 1
+        return original(name)
+
+    dispatch._load = load
+    try:
+        yield seen
+    finally:
+        if dispatch._load is load:
+            dispatch._load = original
+
+
+def _cpu_extension_state(ran: Optional[Counter], device: str) -> dict:
+    try:
+        from vidattn.kernels import cpu_ext
+    except ImportError:  # pragma: no cover
+        return {"used": False, "error": "vidattn.kernels.cpu_ext missing"}
+    state = getattr(cpu_ext, "_STATE", {})
+    loaded = bool(state.get("ok"))
+    torch_ran = bool(ran and ran.get("torch"))
+    info = {"used": loaded and torch_ran and torch.device(device).type == "cpu", "loaded": loaded,
+            "error": cpu_ext.extension_error()}
+    if "ok" not in state:
+        info["note"] = "not tried: no sparse call ran through the torch backend on CPU"
+    return info
+
+
+def _resolved_knobs(processor: SparseAttentionProcessor, family: Optional[str], frames: int,
+                    temporal: int) -> dict:
+    """The knobs whose value is ``None`` ("the model's default"), resolved for this model family."""
+    import copy
+
+    probe = copy.copy(processor)
+    probe._family = family
+    resolved: dict = {}
+    try:
+        if hasattr(probe, "_sink") and getattr(processor, "sink_frames", 0) is None:
+            from vidattn.layout import TokenLayout
+
+            resolved["sink_frames"] = int(probe._sink(TokenLayout((frames - 1) // temporal + 1, 1, 1)))
+        if hasattr(probe, "_first_frame") and getattr(processor, "first_frame", "") is None:
+            resolved["first_frame"] = probe._first_frame()
+    except Exception:  # noqa: BLE001 - metadata only, never fail a finished run for it
+        pass
+    return resolved
+
+
 def generate_video(request: GenerationRequest, processor: SparseAttentionProcessor, out: Path, *,
-                   overwrite: bool = False, method: Optional[dict] = None, freeswim: Optional[dict] = None) -> dict:
+                   overwrite: bool = False, method: Optional[dict] = None, freeswim: Optional[dict] = None,
+                   command: Optional[Sequence[str]] = None, model_spec: Any = None,
+                   warnings: Sequence[str] = ()) -> dict:
     """Generate one video and write ``out`` (mp4) and ``out.with_suffix('.json')``; returns the sidecar dict.
 
     ``freeswim``: FreeSwimPipeline's own options (base size, mode, cache_steps, strength); the video is generated
     at the base size, upsampled and refined with ``processor`` (a ``FreeSwimProcessor``) at the requested size.
+    ``command`` (the argument vector), ``model_spec`` (``vidattn.validation.ModelSpec``) and ``warnings`` go into
+    the sidecar, which also records the time, the device and its name, the backends that ran, the CPU extension,
+    the resolved knobs, the peak memory and the model's source and revision. Attention time is measured on CPU
+    only (``timings.attention_s`` is null elsewhere, with a note).
     """
     from .video_io import write_sidecar, write_video
 
     out = Path(out)
+    started = datetime.datetime.now(datetime.timezone.utc)
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _DTYPES[request.dtype] if request.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    on_cuda = torch.device(device).type == "cuda"
+    dtype = _DTYPES[request.dtype] if request.dtype else (torch.bfloat16 if on_cuda else torch.float32)
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
     t0 = time.perf_counter()
     pipeline_cls = None
     if freeswim is not None:
-        pipeline_cls = freeswim_pipeline_class(request.model)[0]
+        pipeline_cls = freeswim_pipeline_class(request.model, getattr(model_spec, "class_name", None))[0]
     pipe, defaults = load_pipeline(request.model, device, dtype, pipeline_cls)
     load_s = time.perf_counter() - t0
     def pick(value, key):
@@ -154,39 +277,75 @@ def generate_video(request: GenerationRequest, processor: SparseAttentionProcess
         "steps": pick(request.steps, "num_inference_steps"),
         "guidance": pick(request.guidance, "guidance_scale"),
     }
-    check_geometry(settings["frames"], settings["height"], settings["width"], *_pipeline_factors(pipe))
+    factors = _pipeline_factors(pipe)
+    check_geometry(settings["frames"], settings["height"], settings["width"], *factors)
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     call = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
                 num_frames=settings["frames"], height=settings["height"], width=settings["width"],
                 num_inference_steps=settings["steps"], guidance_scale=settings["guidance"], generator=generator,
                 output_type="np")
     t1 = time.perf_counter()
-    if freeswim is not None:  # the pipeline installs the processor for its refinement stage itself
-        result = pipe(**call, processor=processor, **freeswim)
-        settings["freeswim"] = dict(freeswim)
-    else:
-        vidattn.apply(pipe, processor)
-        try:
-            result = pipe(**call)
-        finally:
-            vidattn.remove(pipe)
+    with _recording_backends() as ran:
+        if freeswim is not None:  # the pipeline installs the processor for its refinement stage itself
+            result = pipe(**call, processor=processor, **freeswim)
+            settings["freeswim"] = dict(freeswim)
+        else:
+            vidattn.apply(pipe, processor)
+            try:
+                result = pipe(**call)
+            finally:
+                vidattn.remove(pipe)
     generate_s = time.perf_counter() - t1
     frames = result.frames[0]
     t2 = time.perf_counter()
-    video = write_video(frames, out, fps=request.fps, overwrite=overwrite)
+    rescue: Optional[Path] = None
+    try:
+        video = write_video(frames, out, fps=request.fps, overwrite=overwrite)
+    except OSError as err:  # the location changed during the run: keep the computed video anyway
+        rescue = Path(tempfile.mkdtemp(prefix="vidattn-rescue-")) / out.name
+        video = write_video(frames, rescue, fps=request.fps)
+        write_error = err
     stats = processor.stats.summary()
+    on_cpu = torch.device(device).type == "cpu"
+    family = getattr(model_spec, "family", None) or ("wan" if request.model in TINY_MODELS else None)
+    timings: dict[str, Any] = {
+        "load_s": round(load_s, 3), "generate_s": round(generate_s, 3),
+        "attention_s": round(stats["sparse_seconds"] + stats["dense_seconds"], 3) if on_cpu else None,
+    }
+    if not on_cpu:
+        timings["attention_note"] = (f"attention time is measured on CPU only; on {torch.device(device).type} the "
+                                     "kernels run asynchronously and are not timed")
+    model_info = model_spec.describe() if model_spec is not None and hasattr(model_spec, "describe") else {
+        "name": request.model, "kind": "tiny" if request.model in TINY_MODELS else "path or hub id",
+        "source": request.model, "revision": None}
+    requested_backend = getattr(processor, "backend", None)
     sidecar: dict[str, Any] = {
         "video": str(video),
         "sidecar": str(out.with_suffix(".json")),
+        "command": shlex.join(["vidattn", *command]) if command is not None else None,
+        "timestamp": started.isoformat(timespec="seconds"),
         "request": asdict(request),
-        "settings": {**settings, "device": device,
+        "settings": {**settings, "device": device, "device_name": device_name(device),
                      "dtype": str(pipe.transformer.dtype).replace("torch.", "")},
-        "method": {**(method or {}), **processor.knobs()},
+        "model": {**model_info, "loaded_class": type(pipe).__name__},
+        "method": {**(method or {}), **processor.knobs(),
+                   "resolved": _resolved_knobs(processor, family, settings["frames"], factors[0])},
+        "backend": {"requested": requested_backend,
+                    "ran": dict(ran) if ran is not None else None,
+                    "note": None if ran else ("no sparse kernel ran (every attention call was dense)" if ran is not None
+                                              else "not recorded")},
+        "cpu_extension": _cpu_extension_state(ran, device),
         "attention": stats,
-        "timings": {"load_s": round(load_s, 3), "generate_s": round(generate_s, 3),
-                    "attention_s": round(stats["sparse_seconds"] + stats["dense_seconds"], 3),
-                    "write_s": round(time.perf_counter() - t2, 3)},
+        "timings": timings,
+        "memory": {"peak": peak_memory(device)},
+        "warnings": list(warnings),
         "versions": versions(),
     }
+    sidecar["timings"]["write_s"] = round(time.perf_counter() - t2, 3)
+    if rescue is not None:
+        sidecar["sidecar"] = str(rescue.with_suffix(".json"))
+        write_sidecar(rescue.with_suffix(".json"), sidecar)
+        raise OutputWriteError(f"could not write {out} ({write_error}); the video and its sidecar were saved to "
+                               f"{rescue} instead", rescue) from write_error
     write_sidecar(out.with_suffix(".json"), sidecar, overwrite=overwrite)
     return sidecar

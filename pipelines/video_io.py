@@ -17,7 +17,7 @@ import imageio_ffmpeg
 import numpy as np
 import torch
 
-__all__ = ["read_sidecar", "read_video", "to_uint8_frames", "write_sidecar", "write_video"]
+__all__ = ["atomic_write", "read_sidecar", "read_video", "to_uint8_frames", "write_png", "write_sidecar", "write_video"]
 
 
 def to_uint8_frames(frames: Any) -> np.ndarray:
@@ -85,10 +85,20 @@ def _check_target(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
 
 
-def _atomic_write(path: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it to ``path``."""
+def atomic_write(path: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it to ``path`` (no partial file is ever
+    left at ``path``; without ``overwrite`` an existing ``path`` raises ``FileExistsError``, checked again
+    race-free at the move). Missing parent folders are created; a parent that is a file raises
+    ``NotADirectoryError`` and an existing folder at ``path`` ``IsADirectoryError``."""
     path = Path(path)
     _check_target(path, overwrite)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise NotADirectoryError(f"{parent} is a file, not a folder, so {path} cannot be created")
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
@@ -105,6 +115,9 @@ def _atomic_write(path: str | os.PathLike, overwrite: bool, write: Callable[[Pat
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+_atomic_write = atomic_write  # the former private name
 
 
 def _link_no_clobber(tmp: Path, path: Path) -> None:
@@ -149,6 +162,17 @@ def write_video(
             writer.close()
 
     return _atomic_write(path, overwrite, encode)
+
+
+def write_png(image: Any, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a ``(H, W)`` or ``(H, W, 3)`` uint8 array (or tensor) as a PNG atomically; returns the path. Raises
+    ``FileExistsError`` if ``path`` exists and ``overwrite`` is False."""
+    from PIL import Image
+
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    picture = Image.fromarray(np.ascontiguousarray(image))
+    return atomic_write(path, overwrite, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:

@@ -56,7 +56,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    return int(args.func(args) or 0)
+    from .validation import UsageError, command_name, report
+
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as err:  # a user error found by a command's checks: one line, exit code 2
+        return report(command_name(args), err)
 
 
 if __name__ == "__main__":

@@ -57,12 +57,14 @@ def make_processor(method: str, preset: Optional[str] = None, **overrides: Any) 
     knobs: dict = {}
     if preset is not None:
         if preset not in spec.presets:
-            raise ValueError(f"preset for method {method!r} must be one of {sorted(spec.presets)}, got {preset!r}")
+            accepted = f"one of {sorted(spec.presets)}" if spec.presets else "omitted (this method has no presets)"
+            raise ValueError(f"preset for method {method!r} must be {accepted}, got {preset!r}")
         knobs.update({k: v for k, v in spec.presets[preset].items() if k in spec.knobs})
     for key, value in overrides.items():
         if value is None:
             continue
         if key not in spec.knobs:
-            raise ValueError(f"method {method!r} does not take {key!r}; it takes {list(spec.knobs)}")
+            takes = f"it takes {list(spec.knobs)}" if spec.knobs else "it takes no knobs"
+            raise ValueError(f"method {method!r} does not take {key!r}; {takes}")
         knobs[key] = value
     return spec.factory(**knobs)

@@ -41,7 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="freeswim: share of the refinement schedule run, in (0, 1] (default 0.7)")
     p.add_argument("--tiles", default=None, help="freeswim: spatial-tile token order RxC, e.g. 8x16")
     p.add_argument("--block-size", type=int, default=None, help="sparse block size in tokens")
-    p.add_argument("--backend", default=None, help="sparse kernel backend: auto, torch, flex, triton, reference")
+    p.add_argument("--backend", default=None,
+                   help="sparse kernel backend: auto, torch, flex, triton, reference (refused up front when it "
+                        "cannot run on --device)")
     p.add_argument("--model", default="tiny",
                    help="'tiny' (built-in toy model, offline), 'tiny-bench' (long sequences), a hub id such as "
                         "Wan-AI/Wan2.1-T2V-1.3B-Diffusers, or a local diffusers folder")
@@ -54,15 +56,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
-                   help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
+                   help="model dtype (default: bfloat16 on cuda, float32 on cpu; honoured on every device, the tiny "
+                        "model included)")
     p.add_argument("--out", default=None, help="output mp4 path (default: outputs/<method>_seed<seed>.mp4)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (and its sidecar)")
     p.set_defaults(func=run)
 
 
-def _fail(message: str) -> int:
-    print(f"vidattn generate: error: {message}", file=sys.stderr)
-    return 2
+COMMAND = "generate"
+# generate's options for processor knobs (the freeswim ones are checked by _freeswim_options)
+KNOB_OPTIONS = {"dense_steps": "--dense-steps", "dense_layers": "--dense-layers",
+                "dense_last_steps": "--dense-last-steps", "decay": "--decay", "drop_rate": "--drop-rate",
+                "top_p": "--top-p", "first_frame": "--first-frame", "gapr": "--no-gapr", "block_size": "--block-size",
+                "backend": "--backend"}
+FREESWIM_OPTIONS = ("base_height", "base_width", "mode", "cache_steps", "strength", "tiles")
 
 
 def _default_out(method: str, seed: int) -> Path:
@@ -75,26 +82,25 @@ def _default_out(method: str, seed: int) -> Path:
     return path
 
 
-def _freeswim_options(args: argparse.Namespace) -> tuple[dict, dict]:
-    """FreeSwimPipeline's call options and the processor's knobs from the command line (ValueError naming the
+def _freeswim_options(args: argparse.Namespace, cell: int, default_base: tuple[int, int]) -> tuple[dict, dict]:
+    """FreeSwimPipeline's call options and the processor's knobs from the command line (UsageError naming the
     option on bad values)."""
-    from vidattn.pipelines.generate import freeswim_pipeline_class
+    from vidattn.validation import UsageError
 
-    _, cell, (default_h, default_w) = freeswim_pipeline_class(args.model)
-    base_h = args.base_height or default_h
-    base_w = args.base_width or default_w
+    base_h = args.base_height or default_base[0]
+    base_w = args.base_width or default_base[1]
     for name, value in (("--base-height", base_h), ("--base-width", base_w)):
         if value < cell or value % cell:
-            raise ValueError(f"{name} must be a positive multiple of {cell}, got {value}")
+            raise UsageError(name, f"must be a positive multiple of {cell}, got {value}")
     if args.cache_steps is not None and args.cache_steps < 1:
-        raise ValueError(f"--cache-steps must be >= 1, got {args.cache_steps}")
+        raise UsageError("--cache-steps", f"must be >= 1, got {args.cache_steps}")
     if args.strength is not None and not 0 < args.strength <= 1:
-        raise ValueError(f"--strength must lie in (0, 1], got {args.strength}")
+        raise UsageError("--strength", f"must lie in (0, 1], got {args.strength}")
     tiles = None
     if args.tiles is not None:
         parts = args.tiles.lower().split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"--tiles must be RxC with positive integers (e.g. 8x16), got {args.tiles!r}")
+        if len(parts) != 2 or not all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
+            raise UsageError("--tiles", f"must be RxC with positive integers (e.g. 8x16), got {args.tiles!r}")
         tiles = (int(parts[0]), int(parts[1]))
     call = {"base_height": base_h, "base_width": base_w, "mode": args.mode or "cache",
             "cache_steps": args.cache_steps or 2, "strength": 0.7 if args.strength is None else args.strength}
@@ -104,58 +110,130 @@ def _freeswim_options(args: argparse.Namespace) -> tuple[dict, dict]:
     return call, knobs
 
 
-def run(args: argparse.Namespace) -> int:
+def _check(args: argparse.Namespace) -> dict:
+    """Every check of the command line, before any model is loaded; returns what the run needs."""
+    from vidattn import validation as v
     from vidattn.methods import METHODS, make_processor
 
-    freeswim_args = ("base_height", "base_width", "mode", "cache_steps", "strength", "tiles")
+    v.check_choice("--method", args.method, METHODS)
     if args.method != "freeswim":
-        for name in freeswim_args:
+        for name in FREESWIM_OPTIONS:
             if getattr(args, name) is not None:
-                return _fail(f"--{name.replace('_', '-')} applies to --method freeswim only")
+                raise v.UsageError(f"--{name.replace('_', '-')}", "applies to --method freeswim only")
+    knobs = {k: getattr(args, k) for k in KNOB_OPTIONS}
+    v.check_method_options(args.method, knobs, KNOB_OPTIONS)
+    v.check_preset(args.method, args.preset)
+    for option, value, low in (("--dense-steps", args.dense_steps, 0), ("--dense-layers", args.dense_layers, 0),
+                               ("--dense-last-steps", args.dense_last_steps, 0), ("--steps", args.steps, 1),
+                               ("--fps", args.fps, 1), ("--block-size", args.block_size, 1),
+                               ("--frames", args.frames, 1), ("--height", args.height, 1),
+                               ("--width", args.width, 1), ("--base-height", args.base_height, 1),
+                               ("--base-width", args.base_width, 1), ("--cache-steps", args.cache_steps, 1)):
+        v.check_number(option, value, minimum=low, integer=True)
+    v.check_seed("--seed", args.seed)
+    v.check_number("--guidance", args.guidance, minimum=0)
+    device = v.check_device(args.device)
+    dtype = v.check_dtype(args.dtype, device)
+    v.check_backend(args.backend, device)
+
+    freeswim, freeswim_knobs, pipeline_cls, cell = None, {}, None, None
+    spec = v.check_model(args.model)
+    if args.method == "freeswim":
+        from vidattn.pipelines.generate import freeswim_pipeline_class
+
+        try:
+            pipeline_cls, cell, default_base = freeswim_pipeline_class(args.model, spec.class_name)
+        except ValueError as err:
+            raise v.UsageError("--model", str(err).removeprefix("--model ")) from None
+        spec = v.with_pipeline_class(spec, pipeline_cls)
+        freeswim, freeswim_knobs = _freeswim_options(args, cell, default_base)
+
+    given = {"frames": args.frames, "height": args.height, "width": args.width, "steps": args.steps,
+             "guidance": args.guidance}
+    published = METHODS[args.method].presets.get(args.preset, {}).get("generation", {}) if args.preset else {}
+    if published and spec.kind != "tiny":
+        # Real models default to the settings the preset was published with; explicit options win.
+        for name, key in (("frames", "num_frames"), ("height", "height"), ("width", "width"),
+                          ("steps", "num_inference_steps"), ("guidance", "guidance_scale")):
+            if given[name] is None and key in published:
+                given[name] = published[key]
+    settings = v.resolve_settings(spec, given)
+    factors = spec.factors
+    if cell is not None:  # FreeSwim's own rule: sizes in whole latent cells
+        factors = (factors or (4, cell))[0], cell
+    v.check_geometry(settings["frames"], settings["height"], settings["width"], factors,
+                     model=f"{spec.name} ({spec.class_name})")
+    refine_steps = None
+    if freeswim is not None:
+        refine_steps = int(settings["steps"] * freeswim["strength"])
+        if refine_steps < 1:
+            raise v.UsageError("--strength", f"{freeswim['strength']} of {settings['steps']} steps runs no refinement "
+                                             "step; raise --strength or --steps")
+
     try:
-        freeswim, freeswim_knobs = _freeswim_options(args) if args.method == "freeswim" else (None, {})
         processor = make_processor(args.method, args.preset, **freeswim_knobs, dense_steps=args.dense_steps,
                                    dense_layers=args.dense_layers, dense_last_steps=args.dense_last_steps,
                                    decay=args.decay, block_size=args.block_size, backend=args.backend,
                                    drop_rate=args.drop_rate, top_p=args.top_p, first_frame=args.first_frame,
                                    gapr=args.gapr)
     except (ValueError, TypeError) as err:
-        return _fail(f"--method {args.method}: {err}" if args.method not in METHODS else str(err))
-    for name in ("steps", "fps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            return _fail(f"--{name} must be >= 1, got {value}")
-    out = Path(args.out) if args.out else _default_out(args.method, args.seed)
-    if out.suffix != ".mp4":
-        return _fail(f"--out must end in .mp4, got {out}")
-    if not args.overwrite and (out.exists() or out.with_suffix(".json").exists()):
-        return _fail(f"--out {out} (or its .json sidecar) exists; pass --overwrite to replace it")
-    from vidattn.pipelines.generate import TINY_MODELS, GenerationRequest, generate_video
+        raise v.knob_error(err) from None
+    warnings = []
+    if args.method != "dense":
+        where = f" on {spec.name}"
+        if args.preset:
+            where += f" (--preset {args.preset})"
+        steps = refine_steps if refine_steps is not None else settings["steps"]
+        warnings = v.dense_warnings(processor.knobs(), steps, spec.num_layers, where)
 
-    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model,
-                                frames=args.frames, height=args.height, width=args.width, steps=args.steps,
-                                guidance=args.guidance, seed=args.seed, fps=args.fps, device=args.device,
-                                dtype=args.dtype)
-    published = METHODS[args.method].presets.get(args.preset, {}).get("generation", {}) if args.preset else {}
-    if published and args.model not in TINY_MODELS:
-        # Real models default to the settings the preset was published with; explicit options win.
-        for field_name, key in (("frames", "num_frames"), ("height", "height"), ("width", "width"),
-                                ("steps", "num_inference_steps"), ("guidance", "guidance_scale")):
-            if getattr(request, field_name) is None and key in published:
-                setattr(request, field_name, published[key])
+    out_name = args.out if args.out is not None else _default_out(args.method, args.seed)
+    out = v.check_output_file(out_name, "--out", suffix=".mp4", overwrite=args.overwrite, companions=(".json",))
+    return dict(spec=spec, device=device, dtype=dtype, processor=processor, freeswim=freeswim, given=given,
+                settings=settings, warnings=warnings, out=out)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vidattn.validation import UsageError, report, warn
+
     try:
-        result = generate_video(request, processor, out, overwrite=args.overwrite,
-                                method={"method": args.method, "preset": args.preset}, freeswim=freeswim)
-    except ValueError as err:
-        return _fail(str(err))
+        checked = _check(args)
+    except UsageError as err:
+        return report(COMMAND, err)
+    from vidattn.pipelines.generate import GenerationRequest, OutputWriteError, generate_video
+
+    given, out = checked["given"], checked["out"]
+    for message in checked["warnings"]:
+        warn(COMMAND, message)
+    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model,
+                                frames=given["frames"], height=given["height"], width=given["width"],
+                                steps=given["steps"], guidance=given["guidance"], seed=args.seed, fps=args.fps,
+                                device=checked["device"], dtype=checked["dtype"])
+    ok = False
+    try:
+        result = generate_video(request, checked["processor"], out.path, overwrite=args.overwrite,
+                                method={"method": args.method, "preset": args.preset}, freeswim=checked["freeswim"],
+                                command=getattr(args, "argv", None), model_spec=checked["spec"],
+                                warnings=checked["warnings"])
+        ok = True
+    except OutputWriteError as err:  # the output location changed during the run; the video was kept elsewhere
+        print(f"vidattn {COMMAND}: error: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:  # a check the pipeline itself makes
+        return report(COMMAND, err)
+    finally:
+        if not ok:
+            out.discard()
     stats = result["attention"]
     density = stats.get("computed_fraction")
+    timings = result["timings"]
+    attention = (f"{timings['attention_s']:.2f} s in attention (CPU)" if timings["attention_s"] is not None
+                 else f"attention not timed on {result['settings']['device']}")
     print(f"video     {result['video']}")
     print(f"sidecar   {result['sidecar']}")
     print(f"size      {result['settings']['frames']} frames x {result['settings']['height']}x"
-          f"{result['settings']['width']}, {result['settings']['steps']} steps")
-    print(f"time      {result['timings']['generate_s']:.2f} s generate, {result['timings']['attention_s']:.2f} s "
-          "in attention (CPU)")
+          f"{result['settings']['width']}, {result['settings']['steps']} steps, {result['settings']['dtype']} on "
+          f"{result['settings']['device']}")
+    print(f"time      {timings['generate_s']:.2f} s generate, {attention}")
     print(f"attention {args.method}: {stats['sparse_calls']} sparse / {stats['dense_calls']} dense calls, "
           f"density {'n/a' if density is None else f'{density:.3f}'} of dense computed")
     return 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 MODELS = ("wan", "hunyuan", "cogvideox", "ltx", "mochi")
@@ -35,7 +34,9 @@ def register(subparsers: Any) -> None:
     radial.add_argument("--text-len", type=int, default=None,
                         help="text tokens in self-attention (joint models; default: hunyuan 256, cogvideox 226, "
                              "mochi 256)")
-    radial.add_argument("--png", default=None, help="write the block mask picture here (white = computed)")
+    radial.add_argument("--png", default=None, help="write the block mask picture here (white = computed; a .png "
+                                                    "name, never replacing a file without --overwrite)")
+    radial.add_argument("--overwrite", action="store_true", help="replace an existing --png file")
     radial.set_defaults(func=run)
     from . import mask_rectified, mask_window
 
@@ -43,41 +44,77 @@ def register(subparsers: Any) -> None:
     mask_window.register(methods)
 
 
-def _fail(message: str) -> int:
-    print(f"vidattn mask radial: error: {message}", file=sys.stderr)
-    return 2
+COMMAND = "mask radial"
 
 
-def _write_png(path: str, image: Any) -> tuple[int, int]:
-    """Save the ``(nq, nk)`` uint8 picture, each block upscaled to at least ``MIN_PICTURE`` pixels overall."""
+def _write_png(path: Any, image: Any, overwrite: bool = False) -> tuple[int, int]:
+    """Save the ``(nq, nk)`` uint8 picture atomically, each block upscaled to at least ``MIN_PICTURE`` pixels
+    overall; an existing file is kept unless ``overwrite`` (FileExistsError)."""
     import numpy as np
-    from PIL import Image
 
-    pixels = image.numpy()
+    from ..pipelines.video_io import write_png
+
+    pixels = image.numpy() if hasattr(image, "numpy") else np.asarray(image)
     scale = max(1, -(-MIN_PICTURE // max(pixels.shape)))
     pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
-    Image.fromarray(pixels).save(path)
+    write_png(pixels, path, overwrite=overwrite)
     return pixels.shape
 
 
+def geometry_error(err: Any, model: str) -> Any:
+    """A ``GeometryError`` as the UsageError of its option."""
+    from ..validation import UsageError
+
+    return UsageError(f"--{err.param.replace('_', '-')}", f"{err.reason} ({model})")
+
+
+def save_picture(target: Any, image: Any, overwrite: bool) -> tuple[int, int]:
+    """Write the checked ``--png`` target; a file that appeared meanwhile is a UsageError, not a traceback."""
+    from ..validation import UsageError
+
+    try:
+        return _write_png(target.path, image, overwrite=overwrite)
+    except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        target.discard()
+        raise UsageError("--png", f"{err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..validation import UsageError, report
+
+    try:
+        return _run(args)
+    except UsageError as err:
+        return report(COMMAND, err)
+
+
+def _run(args: argparse.Namespace) -> int:
     import time
 
+    from .. import validation as v
     from ..patterns.radial import MODEL_GEOMETRY, GeometryError, radial_pattern, radial_stats
 
     geometry = MODEL_GEOMETRY[args.model]
     try:
         layout = geometry.layout(args.frames, args.height, args.width, text_len=args.text_len)
     except GeometryError as err:
-        return _fail(f"argument --{err.param.replace('_', '-')}: {err.reason} ({args.model})")
+        raise geometry_error(err, args.model) from None
+    v.check_number("--decay", args.decay, minimum=0, low_open=True)
+    v.check_number("--block-size", args.block_size, minimum=1, integer=True)
+    if args.sink_frames is not None and not 0 <= args.sink_frames <= layout.frames:
+        raise v.UsageError("--sink-frames", f"must be in [0, {layout.frames}] (the latent frames of this video), "
+                                            f"got {args.sink_frames}")
+    v.check_number("--decimation-threshold", args.decimation_threshold, minimum=0)
     sink = geometry.sink_frames if args.sink_frames is None else args.sink_frames
+    target = v.check_png(args.png, overwrite=args.overwrite)
     began = time.perf_counter()
     try:
         pattern = radial_pattern(layout, decay=args.decay, block_size=args.block_size, sink_frames=sink,
                                  d1_full=args.d1_full, decimation_threshold=args.decimation_threshold)
     except ValueError as err:
-        name = str(err).split(" ", 1)[0]
-        return _fail(f"argument --{name.replace('_', '-')}: {err}" if name in KNOBS else str(err))
+        if target is not None:
+            target.discard()
+        raise v.knob_error(err) from None
     elapsed = time.perf_counter() - began
     stats = radial_stats(layout, pattern)
     text = layout.text
@@ -94,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"keys per query   {stats.keys_per_query:.1f} (video keys per video query "
           f"{stats.video_keys_per_query:.1f})")
     print(f"build time       {elapsed:.3f} s")
-    if args.png:
-        h, w = _write_png(args.png, pattern.to_image())
+    if target is not None:
+        h, w = save_picture(target, pattern.to_image(), args.overwrite)
         print(f"picture          {args.png} ({w} x {h} px)")
     return 0

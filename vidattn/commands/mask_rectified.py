@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 MODELS = ("wan", "hunyuan", "cogvideox", "ltx", "mochi")
@@ -24,13 +23,13 @@ def register(methods: Any) -> None:
     p.add_argument("--block-size", type=int, default=16, help="block size in tokens (default 16: tiny grids)")
     p.add_argument("--head", type=int, default=0, help="head to draw (default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the tiny model and inputs")
-    p.add_argument("--png", default=None, help="write the picture of the head's selection here")
+    p.add_argument("--png", default=None, help="write the picture of the head's selection here (a .png name, never "
+                                               "replacing a file without --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --png file")
     p.set_defaults(func=run)
 
 
-def _fail(message: str) -> int:
-    print(f"vidattn mask rectified: error: {message}", file=sys.stderr)
-    return 2
+COMMAND = "mask rectified"
 
 
 def _picture(stats: Any, head: int) -> Any:
@@ -47,29 +46,48 @@ def _picture(stats: Any, head: int) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..validation import UsageError, report
+
+    try:
+        return _run(args)
+    except UsageError as err:
+        return report(COMMAND, err)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .. import validation as v
     from ..processors.rectified import RectifiedProcessor
+    from .mask import save_picture
 
     try:
         proc = RectifiedProcessor(drop_rate=args.drop_rate, top_p=args.top_p, block_size=args.block_size)
     except ValueError as err:
-        name = str(err).split(" ", 1)[0]
-        return _fail(f"argument --{name.replace('_', '-')}: {err}")
-    if args.latent_frames < 1:
-        return _fail(f"argument --latent-frames: must be >= 1, got {args.latent_frames}")
+        raise v.knob_error(err) from None
+    v.check_number("--latent-frames", args.latent_frames, minimum=1, integer=True)
+    patch = 1 if args.model == "ltx" else 2  # the tiny transformers' spatial patch
+    for option, value in (("--latent-height", args.latent_height), ("--latent-width", args.latent_width)):
+        if value is not None and (value < patch or value % patch):
+            raise v.UsageError(option, f"must be a positive multiple of the {args.model} patch size {patch} "
+                                       f"(latent cells before patching), got {value}")
+    v.check_seed("--seed", args.seed)
     import torch
 
     import vidattn
     from vidattn.pipelines.tiny import tiny_transformer, tiny_transformer_inputs
 
-    model = tiny_transformer(args.model, seed=args.seed)
+    model = tiny_transformer(args.model, seed=args.seed)  # milliseconds: random tiny weights, no download
     heads = model.config.num_attention_heads
     if not 0 <= args.head < heads:
-        return _fail(f"argument --head: must lie in [0, {heads}), got {args.head}")
+        raise v.UsageError("--head", f"must lie in [0, {heads}) (the tiny {args.model} model's heads), got "
+                                     f"{args.head}")
+    target = v.check_png(args.png, overwrite=args.overwrite)
     try:
         inputs = tiny_transformer_inputs(args.model, frames=args.latent_frames, height=args.latent_height,
                                          width=args.latent_width, seed=args.seed)
-    except ValueError as err:
-        return _fail(f"argument --latent-frames/--latent-height/--latent-width: {err}")
+    except (ValueError, RuntimeError) as err:
+        if target is not None:
+            target.discard()
+        raise v.UsageError("--latent-frames/--latent-height/--latent-width", str(err)) from None
     vidattn.apply(model, proc)
     proc.record_selection(True)
     try:
@@ -88,9 +106,7 @@ def run(args: argparse.Namespace) -> int:
         if stats.gapr_ok is not None:
             line += f", GAPR-trusted {stats.gapr_ok[0, h].float().mean():.3f}"
         print(line)
-    if args.png:
-        from .mask import _write_png
-
-        h, w = _write_png(args.png, _picture(stats, args.head))
+    if target is not None:
+        h, w = save_picture(target, _picture(stats, args.head), args.overwrite)
         print(f"picture     {args.png} ({w} x {h} px)")
     return 0

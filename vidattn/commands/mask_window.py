@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 MODELS = ("wan", "ltx")
@@ -31,53 +30,68 @@ def register(methods: Any) -> None:
                    help="shift the window inward at the borders (default) or truncate it (ablation)")
     p.add_argument("--block-size", type=int, default=128, help="block size in tokens (default 128)")
     p.add_argument("--png", default=None,
-                   help="write the block mask picture here (tiled order with --tiles, else raster)")
+                   help="write the block mask picture here (tiled order with --tiles, else raster; a .png name, "
+                        "never replacing a file without --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --png file")
     p.set_defaults(func=run)
 
 
-def _fail(message: str) -> int:
-    print(f"vidattn mask window: error: {message}", file=sys.stderr)
-    return 2
+COMMAND = "mask window"
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..validation import UsageError, report
+
+    try:
+        return _run(args)
+    except UsageError as err:
+        return report(COMMAND, err)
+
+
+def _run(args: argparse.Namespace) -> int:
     import time
     from dataclasses import replace
 
+    from .. import validation as v
     from ..patterns.radial import MODEL_GEOMETRY, GeometryError
     from ..patterns.window import window_bounds, window_pattern, window_token_density
     from ..token_order import parse_tiles
+    from .mask import geometry_error, save_picture
 
     geometry = MODEL_GEOMETRY[args.model]
     try:
         layout = geometry.layout(args.frames, args.height, args.width, text_len=0)
     except GeometryError as err:
-        return _fail(f"argument --{err.param}: {err.reason} ({args.model})")
+        raise geometry_error(err, args.model) from None
     cell = geometry.spatial * geometry.patch_s
-    for name, value in (("base-height", args.base_height), ("base-width", args.base_width)):
+    for name, value in (("--base-height", args.base_height), ("--base-width", args.base_width)):
         if value < cell or value % cell:
-            return _fail(f"argument --{name}: must be a positive multiple of {cell} pixels, got {value} "
-                         f"({args.model})")
+            raise v.UsageError(name, f"must be a positive multiple of {cell} pixels, got {value} ({args.model})")
     base_rows, base_cols = args.base_height // cell, args.base_width // cell
     tiles = None
     if args.tiles is not None:
-        tiles = parse_tiles(f"tiles{args.tiles}")
+        tiles = parse_tiles(f"tiles{args.tiles}") if args.tiles.isascii() else None
         if tiles is None:
-            return _fail(f"argument --tiles: expected ROWSxCOLS of positive integers such as 8x16, "
-                         f"got {args.tiles!r}")
+            raise v.UsageError("--tiles", f"expected ROWSxCOLS of positive integers such as 8x16, got {args.tiles!r}")
     if args.temporal is not None and args.temporal < 0:
-        return _fail(f"argument --temporal: must be >= 0 latent frames, got {args.temporal}")
+        raise v.UsageError("--temporal", f"must be >= 0 latent frames, got {args.temporal}")
     if args.block_size < 1:
-        return _fail(f"argument --block-size: must be a positive integer, got {args.block_size}")
+        raise v.UsageError("--block-size", f"must be a positive integer, got {args.block_size}")
     knobs = dict(base_rows=base_rows, base_cols=base_cols, inward=args.inward, temporal=args.temporal)
+    target = v.check_png(args.png, overwrite=args.overwrite)
 
     def build(order: str):
         began = time.perf_counter()
         pattern = window_pattern(replace(layout, order=order), block_size=args.block_size, **knobs)
         return pattern, time.perf_counter() - began
 
-    raster, raster_s = build("raster")
-    tiled = build(f"tiles{tiles[0]}x{tiles[1]}") if tiles else None
+    try:
+        raster, raster_s = build("raster")
+        tiled = build(f"tiles{tiles[0]}x{tiles[1]}") if tiles else None
+    except ValueError as err:
+        if target is not None:
+            target.discard()
+        raise v.knob_error(err) from None
     f, h, w = layout.frames, layout.height, layout.width
     lens = []
     for n, half in ((h, base_rows // 2), (w, base_cols // 2)) + (((f, args.temporal),) if args.temporal is not None
@@ -103,9 +117,7 @@ def run(args: argparse.Namespace) -> int:
     describe("raster", raster, raster_s)
     if tiled is not None:
         describe(f"tiles {tiles[0]}x{tiles[1]}", *tiled)
-    if args.png:
-        from .mask import _write_png
-
-        ph, pw = _write_png(args.png, (tiled[0] if tiled is not None else raster).to_image())
+    if target is not None:
+        ph, pw = save_picture(target, (tiled[0] if tiled is not None else raster).to_image(), args.overwrite)
         print(f"picture          {args.png} ({pw} x {ph} px; white full, grey partial, black skipped)")
     return 0
