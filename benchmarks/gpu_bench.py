@@ -24,8 +24,10 @@ under ``--out`` are rewritten after every (pattern, pass) group, so a run killed
 Other modes: ``--ceilings`` (bf16 matmul TFLOP/s and device-to-device copy GB/s, appended to environment.txt),
 ``--profile`` (per-kernel CUDA profile of one triton forward+backward on the first shape's radial pattern, then the
 registers / spills / shared memory of every compiled triton kernel of this process), ``--summary`` (the final table
-of gpu_check.sh, from the files under ``--out``; needs no torch). ``--dry-run`` runs each mode at tiny size on the
-CPU (the triton kernels under ``TRITON_INTERPRET=1``, FlexAttention eager, host timers).
+of gpu_check.sh, from the files under ``--out``; needs no torch), ``--extra`` (forward rows with their own budget:
+Rectified SpaAttn end to end and its selection alone on both shapes, FreeSwim's window at 1080p and 4K in raster
+order via triton and in 8x16 tiles via flex; added to gpu_bench.md / .json). ``--dry-run`` runs each mode at tiny
+size on the CPU (the triton kernels under ``TRITON_INTERPRET=1``, FlexAttention eager, host timers).
 """
 from __future__ import annotations
 
@@ -372,6 +374,236 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------------- extra rows
+# ``--extra`` (gpu_check.sh step 4b, its own time budget after the main benchmark): forward only, bf16.
+#   rectified: Rectified SpaAttn end to end (``rectified_attention``: selection + triton kernel with the epilogue)
+#              and the selection alone (``rectified_selection``) per drop rate, vs SDPA flash, on the main shapes;
+#   window:    FreeSwim's inward window (base 30 x 52, window 31 x 53, all frames) in raster order through triton
+#              (WindowPredicate in-kernel) and in 8 x 16 spatial tiles through ``auto`` (triton refuses the permuted
+#              predicate, so flex), vs SDPA flash; q, k, v are permuted into the tiled order before timing.
+EXTRA_SECTIONS = ("rectified", "window")
+RECTIFIED_SHAPES = ("wan", "hunyuan")
+DEFAULT_DROP_RATES = (0.75, 0.9)
+WINDOW_SHAPES = {
+    "freeswim-1080p": Shape("freeswim-1080p", "FreeSwim Wan 1088x1920 x 81f", 1, 12, 128, 21, 68, 120),
+    "freeswim-4k": Shape("freeswim-4k", "FreeSwim Wan 2160x3840 x 1f", 1, 12, 128, 1, 135, 240),
+}
+WINDOW_BASE, WINDOW_TILES = (30, 52), (8, 16)
+EXTRA_MARK = "## Extra rows"
+
+
+def reduced_window(shape: Shape) -> tuple[Shape, tuple[int, int], tuple[int, int]]:
+    """Dry-run stand-in of a window shape, its base grid and tiles (the same scale over the base per axis)."""
+    small = replace(shape, heads=2, head_dim=32, frames=min(shape.frames, 2),
+                    height=max(1, round(shape.height * 4 / 30)), width=max(1, round(shape.width * 6 / 52)))
+    return small, (4, 6), (4, 4)
+
+
+def reduced_rectified(shape: Shape) -> Shape:
+    return replace(shape, heads=2, head_dim=32, frames=2, height=8, width=8, text=min(shape.text, 16))
+
+
+def extra_row(shape: Shape, section: str, pattern: str, density: float, backend: str,
+              times: list[float] | None, dense_ms: float | None, first_s: float | None = None, note: str = "",
+              **more) -> dict:
+    r = row(shape, pattern, density, backend, "fwd", times, dense_ms, first_s, note)
+    r.update(section=section, **more)
+    if more.get("overhead"):  # selection alone: a share of the dense time, not attention work
+        r["tflops"] = r["efficiency"] = None
+    return r
+
+
+def _deadline_note(deadline: float, need_s: float = 0.0) -> str:
+    left = deadline - time.monotonic()
+    return "" if left > need_s else f"skipped: time budget ({max(left, 0):.0f} s left, needs ~{need_s:.0f} s)"
+
+
+def _time_extra(shape: Shape, section: str, specs: list[tuple], q, k, v, reps: int, deadline: float,
+                device: str) -> list[dict]:
+    """``specs``: (pattern, density, backend, fn, extras); the dense SDPA spec first. One warm-up (= first) call
+    each, then interleaved rounds until ``deadline``. Failed calls become rows with the error as note."""
+    runners, first, notes = {}, {}, {}
+    for pattern, _, backend, fn, _ in specs:
+        key = (pattern, backend)
+        runner = make_runner(fn, q, k, v, "fwd")
+        try:
+            first[key] = first_call(runner, device)
+            runners[key] = runner
+        except Exception as exc:  # noqa: BLE001 (a failed backend is a row, not the end of the run)
+            notes[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90] if str(exc) else ''}"
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    times = time_group(runners, reps, deadline, device) if runners else {}
+    dense_key = (specs[0][0], specs[0][2])
+    dense_ms = statistics.median(times[dense_key]) if times.get(dense_key) else None
+    rows = []
+    for pattern, density, backend, _, extras in specs:
+        key = (pattern, backend)
+        t = times.get(key) or None
+        rows.append(extra_row(shape, section, pattern, density, backend, t, dense_ms, first.get(key),
+                              notes.get(key, "" if t else "skipped: time budget"), **extras))
+    return rows
+
+
+def rectified_rows(key: str, args: argparse.Namespace, deadline: float) -> list[dict]:
+    from vidattn.patterns.rectified import rectified_attention, rectified_plan, rectified_selection
+
+    device, dtype = device_of(args), dtype_of(args)
+    shape = reduced_rectified(SHAPES[key]) if args.dry_run else SHAPES[key]
+    grid = (shape.frames, shape.height, shape.width)
+    title = replace(shape, title=shape.title + ", rectified")
+    note = _deadline_note(deadline)
+    drops = args.drop_rates
+    if note:
+        return [extra_row(title, "rectified", "dense", 1.0, DENSE, None, None, note=note)] + [
+            extra_row(title, "rectified", f"rectified drop {d:g}", 0.0, b, None, None, note=note)
+            for d in drops for b in ("triton (selection+kernel)", "selection only")]
+    q, k, v = make_inputs(shape, device, dtype)[:3]
+    block = args.block
+    backend = "triton" if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "auto"
+    specs: list[tuple] = [("dense", 1.0, DENSE, dense_sdpa, {})]
+    with torch.no_grad():
+        for d in drops:
+            try:  # density of the computed pairs (video rows: critical blocks; text rows: dense)
+                density = float(rectified_plan(q, k, v, grid=grid, drop_rate=d, block_size=block)[0].density())
+            except Exception:  # noqa: BLE001 (the timed call reports the error)
+                density = 0.0
+            if device == "cuda":  # autotune on 2 heads (the key ignores the head count)
+                try:
+                    rectified_attention(q[:, :2], k[:, :2], v[:, :2], grid=grid, drop_rate=d, block_size=block,
+                                        backend=backend)
+                except Exception:  # noqa: BLE001
+                    pass
+            specs.append((f"rectified drop {d:g}", density, "triton (selection+kernel)",
+                          (lambda d: lambda q, k, v: rectified_attention(q, k, v, grid=grid, drop_rate=d,
+                                                                         block_size=block, backend=backend))(d),
+                          {"drop_rate": d}))
+            specs.append((f"rectified drop {d:g}", density, "selection only",
+                          (lambda d: lambda q, k, v: rectified_selection(q, k, v, grid=grid, drop_rate=d,
+                                                                         block_size=block))(d),
+                          {"drop_rate": d, "overhead": True}))
+    rows = _time_extra(title, "rectified", specs, q, k, v, args.reps, deadline, device)
+    del q, k, v
+    return rows
+
+
+def window_rows(key: str, order: str, args: argparse.Namespace, deadline: float) -> list[dict]:
+    """Dense SDPA and the window in one order (``raster``: triton; ``tiled``: auto, i.e. flex on CUDA)."""
+    from vidattn.kernels import sparse_attention
+    from vidattn.kernels.dispatch import choose_backend
+    from vidattn.layout import TokenLayout
+    from vidattn.patterns.window import window_pattern, window_token_density
+    from vidattn.token_order import sequence_permutation
+
+    device, dtype = device_of(args), dtype_of(args)
+    shape, base, tiles = (reduced_window(WINDOW_SHAPES[key]) if args.dry_run
+                          else (WINDOW_SHAPES[key], WINDOW_BASE, WINDOW_TILES))
+    if key == "freeswim-1080p" and not args.dry_run:
+        shape = replace(shape, frames=args.window_frames, title=f"FreeSwim Wan 1088x1920 x {args.window_frames} "
+                                                                f"latent frames")
+    f, h, w = shape.frames, shape.height, shape.width
+    tile_order = f"tiles{tiles[0]}x{tiles[1]}"
+    layout = TokenLayout(f, h, w, order="raster" if order == "raster" else tile_order)
+    raster = TokenLayout(f, h, w)
+    token_density = window_token_density(raster, base_rows=base[0], base_cols=base[1])
+    label = f"window {layout.order}"
+    extras = {"order": layout.order, "token_density": token_density}
+    need = args.flex_min_s if (order == "tiled" and device == "cuda") else 0.0
+    note = _deadline_note(deadline, need)
+    if note:
+        return [extra_row(shape, "window", "dense", 1.0, DENSE, None, None, note=note),
+                extra_row(shape, "window", label, 0.0, "-", None, None, note=note, **extras)]
+    t0 = time.perf_counter()
+    pattern = window_pattern(layout, base_rows=base[0], base_cols=base[1], block_size=args.block)
+    extras["build_s"] = time.perf_counter() - t0
+    pattern = pattern.to(device)
+    q, k, v = make_inputs(shape, device, dtype)[:3]
+    if order != "raster":
+        perm = sequence_permutation(raster, tile_order)[0].to(device)
+        q, k, v = (x.index_select(2, perm).contiguous() for x in (q, k, v))  # not timed
+    if order == "raster":
+        backend = "triton" if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    else:
+        backend = choose_backend(torch.device(device), pattern, shape.head_dim, dtype)
+    if device == "cuda" and backend == "triton":
+        try:
+            with torch.no_grad():
+                sparse_attention(q[:, :2], k[:, :2], v[:, :2], pattern, backend="triton")
+        except Exception:  # noqa: BLE001 (the timed call reports the error)
+            pass
+    specs = [("dense", 1.0, DENSE, dense_sdpa, {}),
+             (label, pattern.density(), backend,
+              lambda q, k, v: sparse_attention(q, k, v, pattern, backend=backend), extras)]
+    rows = _time_extra(shape, "window", specs, q, k, v, args.reps, deadline, device)
+    del q, k, v
+    return rows
+
+
+def write_extra(extra: list[dict], args: argparse.Namespace) -> None:
+    """Put the extra rows into gpu_bench.json (``extra_rows``, the main ``rows`` kept) and a section of
+    gpu_bench.md after the main table (replacing an earlier section)."""
+    os.makedirs(args.out, exist_ok=True)
+    jpath, mpath = os.path.join(args.out, "gpu_bench.json"), os.path.join(args.out, "gpu_bench.md")
+    try:
+        with open(jpath) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = {"dry_run": args.dry_run, "rows": []}
+    data["extra_rows"] = extra
+    with open(jpath, "w") as f:
+        json.dump(data, f, indent=1)
+    main_md = _read(mpath).split("\n" + EXTRA_MARK)[0].rstrip("\n")
+    lines = ["", EXTRA_MARK + " (forward; rectified: selection + kernel end to end, and the selection alone; "
+             "window: FreeSwim's inward window, base 30x52, raster via triton, 8x16 tiles via auto)", "",
+             "| section | shape | pattern | token density | density | backend | time (ms) | n | speedup vs "
+             "SDPA flash | efficiency | build (s) | first call (s) | note |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in extra:
+        lines.append(f"| {r['section']} | {r['title']} ({r['tokens']} tok, {r['heads']} heads) | {r['pattern']} | "
+                     f"{fmt(r.get('token_density'), 4)} | {r['density']:.4f} | {r['backend']} | {fmt(r['ms'], 3)} | "
+                     f"{r['n']} | {fmt(r['speedup'])} | {fmt(r['efficiency'])} | {fmt(r.get('build_s'), 2)} | "
+                     f"{fmt(r['first_s'], 1)} | {r['note']} |")
+    with open(mpath, "w") as f:
+        f.write(main_md + "\n" + "\n".join(lines) + "\n")
+
+
+def extra(args: argparse.Namespace) -> list[dict]:
+    """The ``--extra`` rows, in order: rectified (Wan, HunyuanVideo), window raster (4K, 1080p), window tiled
+    (4K, 1080p: a cold FlexAttention compile each, started only with ``--flex-min-s`` seconds left)."""
+    device = device_of(args)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_bench needs a CUDA device (use --dry-run on CPU)")
+    deadline = time.monotonic() + args.budget_s
+    groups: list[tuple[str, Callable[[], list[dict]]]] = []
+    if "rectified" in args.extra_rows:
+        groups += [(f"rectified {key}", (lambda key: lambda: rectified_rows(key, args, deadline))(key))
+                   for key in RECTIFIED_SHAPES]
+    if "window" in args.extra_rows:
+        for order in ("raster", "tiled"):
+            groups += [(f"window {key} {order}",
+                        (lambda key, order: lambda: window_rows(key, order, args, deadline))(key, order))
+                       for key in ("freeswim-4k", "freeswim-1080p")]
+    rows: list[dict] = []
+    for name, run in groups:
+        print(f"== extra: {name} ({deadline - time.monotonic():.0f} s of the budget left)", flush=True)
+        try:
+            group = run()
+        except Exception as exc:  # noqa: BLE001 (one failed group is reported; the others still run)
+            group = [{"section": name.split()[0], "shape": name, "title": name, "tokens": 0, "heads": 0,
+                      "pattern": name, "density": 0.0, "backend": "-", "pass": "fwd", "ms": None, "n": 0,
+                      "spread": None, "gflop": 0.0, "tflops": None, "dense_ms": None, "speedup": None,
+                      "efficiency": None, "ratio": None, "first_s": None,
+                      "note": f"FAILED {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"}]
+        rows += group
+        for r in group:
+            print(f"   {r['pattern']:<26} {r['backend']:<26} density {r['density']:.4f} "
+                  f"{fmt(r['ms'], 3):>9} ms  speedup {fmt(r['speedup'])}  {r['note']}", flush=True)
+        write_extra(rows, args)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------- ceilings
 def ceilings(args: argparse.Namespace) -> None:
     """bf16 matmul TFLOP/s (n^3 product, random data) and device-to-device copy GB/s (bytes read + written)."""
@@ -563,6 +795,31 @@ def _read(path: str) -> str:
         return ""
 
 
+def extra_summary(extra_rows: list[dict]) -> list[str]:
+    """The summary lines of the ``--extra`` rows: per row its time against SDPA flash of the same rounds."""
+    if not extra_rows:
+        return ["", "extra rows (rectified, window): none (step skipped, failed or timed out before the first row)"]
+    lines = ["", "extra rows, fwd (speedup = SDPA flash time / time; selection: its time as a share of SDPA flash):"]
+    for r in extra_rows:
+        if r.get("backend") == DENSE:
+            continue
+        head = f"{r.get('section', '?'):<9} {r.get('shape', '?'):<15} {r.get('pattern', '?'):<22} " \
+               f"{r.get('backend', '?'):<26}"
+        if r.get("ms") is None:
+            lines.append(f"{head} {r.get('note') or 'no time'}")
+            continue
+        dense = r.get("dense_ms")
+        if r.get("overhead"):
+            share = f"{100 * r['ms'] / dense:.1f} % of sdpa" if dense else "-"
+            lines.append(f"{head} {r['ms']:8.2f} ms  {share}")
+        else:
+            dens = f"density {r['density']:.3f}" + (f" (token {r['token_density']:.3f})"
+                                                     if r.get("token_density") is not None else "")
+            lines.append(f"{head} {r['ms']:8.2f} ms  sdpa {fmt(dense)} ms  speedup {fmt(r.get('speedup'))}x  "
+                         f"{dens}")
+    return lines
+
+
 def summary(args: argparse.Namespace) -> str:
     """The closing table of gpu_check.sh, from the files under ``args.out`` (no torch needed)."""
     out = args.out
@@ -588,9 +845,10 @@ def summary(args: argparse.Namespace) -> str:
                      ", ".join(f"{s} {p} {t} s" for s, p, t in flex))
     try:
         with open(os.path.join(out, "gpu_bench.json")) as f:
-            rows = json.load(f)["rows"]
-    except (OSError, ValueError, KeyError):
-        rows = []
+            data = json.load(f)
+        rows, extra_rows = data.get("rows", []), data.get("extra_rows", [])
+    except (OSError, ValueError, AttributeError):
+        rows, extra_rows = [], []
     if rows:
         firsts = [f"{r['shape']} {r['pass']} {r['first_s']:.1f} s" for r in rows
                   if r["backend"] == FLEX and r["first_s"] is not None and r["pattern"] == rows[0]["pattern"]]
@@ -628,6 +886,7 @@ def summary(args: argparse.Namespace) -> str:
                          "gpu_bench.md)")
     else:
         lines.append("benchmark: no rows (step failed or timed out before the first row)")
+    lines += extra_summary(extra_rows)
     prof = _read(os.path.join(out, "profile.txt"))
     m = re.search(r"^## triton .*$", prof, re.M)
     if m:
@@ -647,6 +906,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--ceilings", action="store_true", help="measure bf16 matmul and copy ceilings, then exit")
     mode.add_argument("--profile", action="store_true", help="per-kernel profile + compiled-kernel resources")
     mode.add_argument("--summary", action="store_true", help="print (and write) gpu_check's summary from --out")
+    mode.add_argument("--extra", action="store_true",
+                      help="the extra forward rows (rectified SpaAttn, FreeSwim window), added to gpu_bench.md/.json")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU (triton interpreter)")
     parser.add_argument("--shapes", default="hunyuan,wan", help="comma list of " + ",".join(SHAPES))
     parser.add_argument("--densities", default=None,
@@ -659,6 +920,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shape-reserve-s", type=float, default=40.0,
                         help="seconds of the budget kept for each shape after the current one")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--extra-rows", default=",".join(EXTRA_SECTIONS),
+                        help="(--extra) comma list of " + ",".join(EXTRA_SECTIONS))
+    parser.add_argument("--drop-rates", default=",".join(map(str, DEFAULT_DROP_RATES)),
+                        help="(--extra) rectified drop rates (default 0.75,0.9)")
+    parser.add_argument("--window-frames", type=int, default=21,
+                        help="(--extra) latent frames of the FreeSwim 1080p window rows (default 21 = 81 frames)")
+    parser.add_argument("--flex-min-s", type=float, default=40.0,
+                        help="(--extra) budget seconds left needed to start a tiled-window row (a cold "
+                             "FlexAttention compile)")
     parser.add_argument("--steps", default="", help="(--summary) the step status line of gpu_check.sh")
     parser.add_argument("--out", default=os.environ.get("OUT") or "./gpu_check_out",
                         help="folder for the output files (default: $OUT, else ./gpu_check_out)")
@@ -677,6 +947,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"unknown pass {p!r}; choose from {', '.join(PASSES)}")
     if any(not 0 < d <= 1 for d in args.densities):
         parser.error("densities must lie in (0, 1]")
+    args.extra_rows = [x.strip() for x in args.extra_rows.split(",") if x.strip()]
+    for x in args.extra_rows:
+        if x not in EXTRA_SECTIONS:
+            parser.error(f"unknown extra rows {x!r}; choose from {', '.join(EXTRA_SECTIONS)}")
+    try:
+        args.drop_rates = [float(d) for d in args.drop_rates.split(",") if d.strip()]
+    except ValueError:
+        parser.error(f"--drop-rates must be a comma list of numbers in [0, 1), got {args.drop_rates!r}")
+    if not args.drop_rates or any(not 0 <= d < 1 for d in args.drop_rates):
+        parser.error("--drop-rates must lie in [0, 1)")
+    if args.window_frames < 1:
+        parser.error("--window-frames must be >= 1")
     return args
 
 
@@ -692,6 +974,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.profile:
         return profile(args)
+    if args.extra:
+        rows = extra(args)
+        failed = [r for r in rows if r["note"].startswith("FAILED") or (
+            r["note"] and not r["note"].startswith("skipped") and r["backend"] not in (FLEX, "-"))]
+        print(f"gpu_bench --extra: {len(rows)} rows, {sum(r['ms'] is not None for r in rows)} timed, "
+              f"{len(failed)} failed (a failed FlexAttention row is reported, not counted)", flush=True)
+        return 1 if failed else 0
     rows = benchmark(args)
     failed = [r for r in rows if r["note"] and not r["note"].startswith("skipped") and r["backend"] != FLEX]
     print(f"gpu_bench: {len(rows)} rows, {sum(r['ms'] is not None for r in rows)} timed, {len(failed)} failed "

@@ -18,6 +18,11 @@
 #   4. bench     HunyuanVideo 720p first, then Wan 480p: radial, all-ones, random 10/25/50 %; fwd and fwd+bwd;
 #                triton vs compiled FlexAttention vs SDPA flash, interleaved (gpu_bench.py)
 #                          [timeout: what is left of the total less 60 s, at most 260 s; budget 25 s less]
+#   4b. extra    forward rows with their own budget, from what the main benchmark left (it keeps its own):
+#                Rectified SpaAttn (selection + kernel, and the selection alone; drop 0.75, 0.9) on both shapes,
+#                FreeSwim's window (1080p x 21 latent frames, 4K x 1) raster via triton, 8x16 tiles via flex
+#                (gpu_bench.py --extra; rows added to gpu_bench.md/.json)
+#                          [timeout: what is left less 60 s, at most 90 s (dry run 120 s); budget 15 s less]
 #   5. profile   per-kernel CUDA profile of one triton forward+backward, compiled-kernel resources
 #                (gpu_bench.py --profile)                                                       [timeout <= 50 s]
 #   6. summary   the table of targets (fwd / fwd+bwd efficiency, all-ones ratio vs SDPA flash), printed LAST
@@ -31,7 +36,7 @@ DRY=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
-        -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
         *) echo "gpu_check: unknown argument $arg (use --dry-run or --help)" >&2; exit 2 ;;
     esac
 done
@@ -47,12 +52,13 @@ if [ "$DRY" = 1 ]; then
     DRYFLAG=(--dry-run)
     export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
     TOTAL="${GPU_CHECK_TOTAL_S:-600}"
-    N_PRE=2; PRE_T=120; VAL_BUDGET=120; VAL_T=150; BENCH_MAX=90; PROF_MAX=90
+    N_PRE=2; PRE_T=120; VAL_BUDGET=120; VAL_T=150; BENCH_MAX=90; EXTRA_MAX=120; PROF_MAX=90
 else
     DRYFLAG=()
     unset TRITON_INTERPRET
     TOTAL="${GPU_CHECK_TOTAL_S:-465}"
-    N_PRE="${GPU_CHECK_PRECOMPILE_PROCS:-12}"; PRE_T=170; VAL_BUDGET=140; VAL_T=170; BENCH_MAX=260; PROF_MAX=50
+    N_PRE="${GPU_CHECK_PRECOMPILE_PROCS:-12}"; PRE_T=170; VAL_BUDGET=140; VAL_T=170; BENCH_MAX=260; EXTRA_MAX=90
+    PROF_MAX=50
 fi
 
 pick_python() {
@@ -204,6 +210,15 @@ main() {
     timeout -k 10 "$bt" "$PY" benchmarks/gpu_bench.py --out "$OUT_DIR" --budget-s $((bt > 40 ? bt - 25 : 10)) \
         ${DRYFLAG[@]+"${DRYFLAG[@]}"} 2>&1
     record bench "$?" $((SECONDS - t0)) "$bt"
+
+    # ---- 4b. extra rows (rectified, FreeSwim window): their own budget, from what the main benchmark left
+    t0=$SECONDS
+    local et
+    et=$(limit "$EXTRA_MAX" 60)
+    echo "== 4b. extra rows: rectified, window (budget $((et > 25 ? et - 15 : 10))s, timeout ${et}s)"
+    timeout -k 10 "$et" "$PY" benchmarks/gpu_bench.py --extra --out "$OUT_DIR" --budget-s $((et > 25 ? et - 15 : 10)) \
+        ${DRYFLAG[@]+"${DRYFLAG[@]}"} 2>&1
+    record extra "$?" $((SECONDS - t0)) "$et"
 
     # ---- 5. profile and compiled-kernel resources
     t0=$SECONDS

@@ -37,7 +37,7 @@ def _check(tmp: Path, *, python: str, extra_env: dict | None = None, timeout: in
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    """One full dry run shared by the tests below (about 40 s on two cores)."""
+    """One full dry run shared by the tests below (about 50 s on two cores)."""
     out = tmp_path_factory.mktemp("gpu_check_out")
     res = _check(out, python=sys.executable)
     return res, out
@@ -61,7 +61,7 @@ def test_dry_run_prints_the_summary_last(dry_run):
     assert "GPU CHECK SUMMARY" in summary
     assert stdout.endswith(summary), stdout[-1500:]
     assert stdout.index("GPU CHECK SUMMARY") > stdout.index("== 5. profile")
-    for step in ("env ok", "validate ok", "precompile ok", "bench ok", "profile ok", "all steps ok"):
+    for step in ("env ok", "validate ok", "precompile ok", "bench ok", "extra ok", "profile ok", "all steps ok"):
         assert step in summary, summary
     assert "fwd+bwd" in summary and "all-ones" in summary and "radial" in summary
     # gpu_check.log holds everything printed
@@ -122,6 +122,35 @@ def test_dry_run_benchmark_profile_precompile_and_ceilings(dry_run):
     assert "CEILING matmul" in env and "CEILING copy" in env and "install: vidattn.kernels imports" in env
 
 
+@needs_bash
+def test_dry_run_has_the_rectified_and_window_rows(dry_run):
+    """Step 4b: rectified (end to end and selection alone, drop 0.75 and 0.9) on both shapes, FreeSwim's window at
+    1080p and 4K in raster (triton) and tiled order, each against SDPA flash; in the json, the md and the summary,
+    without disturbing the main rows."""
+    res, out = dry_run
+    assert "== 4b. extra rows" in res.stdout
+    data = json.loads((out / "gpu_bench.json").read_text())
+    assert data["rows"][-1]["shape"] == "wan"  # the main rows are kept as they were
+    extra = data["extra_rows"]
+    assert all(r["ms"] for r in extra), [(r["pattern"], r["backend"], r["note"]) for r in extra if not r["ms"]]
+    combos = {(r["section"], r["shape"], r["pattern"], r["backend"]) for r in extra}
+    for shape in ("wan", "hunyuan"):
+        assert ("rectified", shape, "dense", "sdpa flash") in combos
+        for drop in ("0.75", "0.9"):
+            for backend in ("triton (selection+kernel)", "selection only"):
+                assert ("rectified", shape, f"rectified drop {drop}", backend) in combos
+    for shape in ("freeswim-1080p", "freeswim-4k"):
+        window = [r for r in extra if r["section"] == "window" and r["shape"] == shape and r["backend"] != "sdpa flash"]
+        assert {r["order"] for r in window} == {"raster", "tiles4x4"}
+        assert next(r for r in window if r["order"] == "raster")["backend"] == "triton"
+        assert all(0 < r["token_density"] <= r["density"] <= 1 and r["speedup"] for r in window)
+    md = (out / "gpu_bench.md").read_text()
+    assert md.count("## Extra rows") == 1 and "| window | FreeSwim" in md and "| rectified |" in md
+    assert md.index("| triton |") < md.index("## Extra rows")  # after the main table
+    summary = (out / "summary.txt").read_text()
+    assert "extra rows, fwd" in summary and "freeswim-4k" in summary and "% of sdpa" in summary
+
+
 # ---------------------------------------------------------------------------------------------------- install
 def _fake_python(tmp: Path, body: str) -> str:
     path = tmp / "fake-python"
@@ -157,13 +186,37 @@ def test_gpu_bench_help():
     res = _run(BENCH, "--help")
     assert res.returncode == 0, res.stderr
     for flag in ("--dry-run", "--shapes", "--densities", "--reps", "--out", "--budget-s", "--ceilings", "--profile",
-                 "--summary"):
+                 "--summary", "--extra", "--extra-rows", "--drop-rates", "--window-frames"):
         assert flag in res.stdout
 
 
 def test_gpu_bench_rejects_unknown_shape():
     res = _run(BENCH, "--dry-run", "--shapes", "sd3")
     assert res.returncode != 0 and "unknown shape" in res.stderr
+
+
+def test_gpu_bench_rejects_unknown_extra_rows_and_bad_drop_rates():
+    res = _run(BENCH, "--extra", "--dry-run", "--extra-rows", "radial")
+    assert res.returncode != 0 and "unknown extra rows" in res.stderr
+    res = _run(BENCH, "--extra", "--dry-run", "--drop-rates", "1.5")
+    assert res.returncode != 0 and "--drop-rates" in res.stderr
+
+
+def test_summary_lists_extra_rows_without_torch(tmp_path):
+    def r(section, shape, pattern, backend, ms, dense_ms, **more):
+        return {"section": section, "shape": shape, "pattern": pattern, "backend": backend, "ms": ms,
+                "dense_ms": dense_ms, "speedup": dense_ms / ms if ms and backend != "sdpa flash" else None,
+                "density": 0.48, "note": "" if ms else "skipped: time budget", **more}
+    extra = [r("window", "freeswim-4k", "dense", "sdpa flash", 10.0, 10.0),
+             r("window", "freeswim-4k", "window raster", "triton", 4.0, 10.0, token_density=0.05),
+             r("rectified", "wan", "rectified drop 0.9", "selection only", 0.5, 10.0, overhead=True),
+             r("window", "freeswim-1080p", "window tiles8x16", "flex", None, None)]
+    (tmp_path / "gpu_bench.json").write_text(json.dumps({"dry_run": False, "rows": [], "extra_rows": extra}))
+    res = _run(BENCH, "--summary", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    line = next(x for x in res.stdout.splitlines() if "window raster" in x)
+    assert "speedup 2.50x" in line and "token 0.050" in line
+    assert "5.0 % of sdpa" in res.stdout and "skipped: time budget" in res.stdout
 
 
 def test_gpu_validate_help_and_rejects_unknown_case():

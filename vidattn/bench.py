@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,7 @@ class BenchRow:
     seconds: float
     density: float
     dense_seconds: float
+    rel_error: Optional[float] = None  # ||out - dense|| / ||dense|| (``time_attention(..., qkv=...)``)
 
     @property
     def speedup(self) -> float:
@@ -133,15 +134,24 @@ def _timed(fn: Callable[[], torch.Tensor]) -> float:
 
 def time_attention(pattern: BlockPattern, *, heads: int, head_dim: int, backends: list[str], repeats: int = 3,
                    warmup: int = 1, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                   check: bool = True, seed: int = 0) -> tuple[list[BenchRow], dict]:
+                   check: bool = True, seed: int = 0,
+                   qkv: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+                   ) -> tuple[list[BenchRow], dict]:
     """Median time of dense SDPA and each backend on the same q, k, v; runs interleaved (dense, b1, b2, ...).
 
+    q, k, v are Gaussian (``seed``) unless ``qkv`` gives them (e.g. :func:`vidattn.fidelity.structured_qkv`); then
+    each row also carries ``rel_error``, the relative L2 error of its first output against dense SDPA in fp32.
     With ``check`` the first run of every backend is compared with SDPA under the pattern's boolean mask on 256
     sampled query rows (max abs difference reported in the second return value).
     """
     g = torch.Generator().manual_seed(seed)
     s = pattern.q_len
-    q, k, v = (torch.randn(1, heads, s, head_dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    if qkv is None:
+        q, k, v = (torch.randn(1, heads, s, head_dim, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    else:
+        q, k, v = (t.to(device=device, dtype=dtype) for t in qkv)
+        if q.shape[2] != s:
+            raise ValueError(f"qkv has {q.shape[2]} tokens but the pattern {s}")
     pattern = pattern.to(device)
     fns: dict[str, Callable[[], torch.Tensor]] = {"dense": lambda: F.scaled_dot_product_attention(q, k, v)}
     for name in backends:
@@ -154,12 +164,16 @@ def time_attention(pattern: BlockPattern, *, heads: int, head_dim: int, backends
             ref = masked_sdpa_rows(q, k, v, pattern, rows).float()
             errors = {n: float((o[:, :, rows.to(o.device)].float() - ref).abs().max())
                       for n, o in outs.items() if n != "dense"}
+        rel: dict[str, float] = {}
+        if qkv is not None:
+            exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).double()
+            rel = {n: float((o.double() - exact).norm() / exact.norm()) for n, o in outs.items()}
         times: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(repeats):
             for name, fn in fns.items():
                 times[name].append(_timed(fn))
     dense = statistics.median(times["dense"])
     density = pattern.density()
-    rows = [BenchRow(name, statistics.median(t), 1.0 if name == "dense" else density, dense)
+    rows = [BenchRow(name, statistics.median(t), 1.0 if name == "dense" else density, dense, rel.get(name))
             for name, t in times.items()]
     return rows, errors
