@@ -8,10 +8,15 @@ from vidattn import DenseProcessor, RadialProcessor
 from vidattn.pipelines.tiny import TINY_HUNYUAN_SETTINGS, tiny_hunyuan_pipeline
 
 
+FREESWIM = {"FreeSwimPipeline": "WanPipeline", "FreeSwimLTXPipeline": "LTXPipeline"}
+
+
 @pytest.mark.parametrize("name", vp.__all__)
 def test_dropin_classes_subclass_the_stock_pipeline(name):
     cls = getattr(vp, name)
-    assert issubclass(cls, getattr(diffusers, name)) and cls.__name__ == name
+    stock = FREESWIM.get(name, name)  # the FreeSwim pipelines extend the drop-in of their model
+    assert issubclass(cls, getattr(diffusers, stock)) and cls.__name__ == name
+    assert issubclass(cls, getattr(vp, stock))
     assert callable(cls.set_attn_processor) and callable(cls.reset_attn_processor)
 
 
