@@ -72,6 +72,14 @@ pick_python() {
     fi
 }
 
+# True when a CUDA device is visible: nvidia-smi lists a GPU, or torch (if it imports) sees one.
+has_cuda_device() {
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then
+        return 0
+    fi
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1
+}
+
 # Step 0. Prints what it did; returns non-zero (after saying STOP) when vidattn cannot be made importable.
 ensure_installed() {
     if "$PY" -c "import vidattn.kernels" >/dev/null 2>&1; then
@@ -121,6 +129,13 @@ main() {
     pick_python
     echo "gpu_check: $([ "$DRY" = 1 ] && echo 'DRY RUN (CPU, triton interpreter, tiny sizes)' || echo 'GPU run');" \
          "python $PY; outputs in $OUT_DIR; total budget ${TOTAL}s"
+
+    # ---- no device, no run: refuse before installing anything (a CPU machine takes --dry-run)
+    if [ "$DRY" = 0 ] && [ "${GPU_CHECK_SKIP_DEVICE_CHECK:-0}" != 1 ] && ! has_cuda_device; then
+        echo "gpu_check: STOP: no CUDA device (nvidia-smi lists none and torch under $PY sees none); nothing was" \
+             "installed or run. On a machine without a GPU use: bash benchmarks/gpu_check.sh --dry-run"
+        return 4
+    fi
 
     # ---- 0. install
     local t0=$SECONDS

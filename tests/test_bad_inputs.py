@@ -72,6 +72,10 @@ UNWRITABLE = "/proc/vidattn-test/v.mp4"  # a folder nobody (root included) can c
 
 # (id, setup, argv, fragments expected in the one-line error, fragments that must be absent)
 CASES = [
+    # 2, 3. bench: device and backends refused before any timing
+    ("bench-backend-triton-cpu", "", ["bench", "attention", "--device", "cpu", "--backends", "triton", "--quick"],
+     ["argument --backends", "backends for cpu"], []),
+    ("bench-device-unknown", "", ["bench", "attention", "--device", "gpu0", "--quick"], ["argument --device"], []),
     # 1. --out checked before the model loads
     ("out-parent-is-file", "file", [*TINY, "--out", "{tmp}/afile/v.mp4"], ["argument --out", "is a file"], []),
     ("out-is-folder", "dir.mp4", [*TINY, "--out", "{tmp}/clip.mp4"], ["argument --out", "is a folder"], []),
@@ -177,7 +181,7 @@ def no_model_load(monkeypatch):
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, no_model_load, case_id, setup, argv, expected, absent):
     if case_id == "device-cuda-missing" and CUDA:
         pytest.skip("this machine has CUDA")
-    if case_id == "backend-triton-cpu" and CUDA:
+    if case_id in ("backend-triton-cpu", "bench-backend-triton-cpu") and CUDA:
         pytest.skip("the check needs a machine without CUDA")
     if case_id == "out-unwritable" and not Path("/proc").is_dir():
         pytest.skip("needs /proc")
@@ -194,7 +198,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, no_model_load, case_id, 
     assert rc == 2, (out, err)
     assert "Traceback" not in out + err
     lines = err.strip().splitlines()
-    command = " ".join(argv[:2]) if argv[0] == "mask" else argv[0]
+    command = " ".join(argv[:2]) if argv[0] in ("mask", "bench") else argv[0]
     assert len(lines) == 1 and lines[0].startswith(f"vidattn {command}: error: argument "), err
     for fragment in expected:
         assert fragment in err, (fragment, err)

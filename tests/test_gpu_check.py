@@ -181,6 +181,26 @@ def test_install_that_does_not_make_the_package_importable_stops_too(tmp_path):
     assert not (out / "validate.txt").exists()
 
 
+@needs_bash
+def test_gpu_run_without_a_cuda_device_stops_before_installing(tmp_path):
+    """Without --dry-run on a machine with no GPU: 'no CUDA device', non-zero, and pip is never called."""
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi")
+    out = tmp_path / "out"
+    log = tmp_path / "calls.txt"
+    py = _fake_python(tmp_path, f'echo "$*" >> {log}\nexit 1\n')  # torch "does not import", pip would fail
+    env = {**os.environ, "OUT": str(out), "PYTHON": py}
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run(["bash", str(CHECK)], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+                         env=env)
+    assert res.returncode == 4
+    assert "gpu_check: STOP: no CUDA device" in res.stdout
+    assert "pip" not in (log.read_text() if log.exists() else "")
+    assert not (out / "validate.txt").exists()
+
+
 # ---------------------------------------------------------------------------------------------------- CLIs
 def test_gpu_bench_help():
     res = _run(BENCH, "--help")
