@@ -376,3 +376,46 @@ def test_path_kinds_cover_the_issue(tmp_path):
     """Each odd path of the issue is among the drawn kinds."""
     assert {"missing_parents", "file_as_folder", "read_only", "unicode", "is_folder"} <= set(PATH_KINDS)
     assert _path(tmp_path, ".png", "unicode").endswith(".png") and " " in _path(tmp_path, ".png", "unicode")
+
+
+BENCH_ATTENTION = {
+    "--geometry": _values("bench-16k", "hunyuan-720p", bad=("4k", "")),
+    "--frames": _values("1", "4", bad=("0", "-1", "x")),
+    "--height": _values("8", "30", bad=("0", "-8")),
+    "--width": _values("16", "52", bad=("0",)),
+    "--method": _values("full", "band", "random", "radial", "rectified", bad=("magic",)),
+    "--density": _values("0.1", "0.25,0.5", bad=("0", "1.5", "x", "")),
+    "--drop-rates": _values("0.75", "0.75,0.9", bad=("1", "-0.1", "")),
+    "--top-p": _values("0.3", "1", bad=("0", "nan")),
+    "--decay": _values("0.5", "1", bad=("0", "-1")),
+    "--block-size": _values("16", "64", bad=("0", "-1")),
+    "--heads": _values("1", "2", bad=("0", "-1")),
+    "--head-dim": _values("32", "64", bad=("0",)),
+    "--backends": _values("auto", "torch", "torch,reference", bad=("triton", "gpu", "", ",")),
+    "--device": _values("cpu", bad=("cuda", "gpu0", "cuda:7", "")),
+    "--dtype": _values("float32", "bfloat16", bad=("float8",)),
+    "--fidelity": None,
+    "--quick": None,
+}
+
+
+def test_fuzz_bench_attention(sandboxes, capsys, fake_generation, monkeypatch):
+    """bench attention: the measurements replaced by a stub (the fuzz is about the checks before them)."""
+    from vidattn.commands import bench as bench_cmd
+
+    ran = []
+    monkeypatch.setattr(bench_cmd, "_run_patterns", lambda args, settings: ran.append(1) or [])
+    monkeypatch.setattr(bench_cmd, "_run_rectified", lambda args, settings: ran.append(1) or [])
+
+    @settings(FUZZ, max_examples=int(150 * SCALE))
+    @given(drawn=argv_for(BENCH_ATTENTION))
+    def run(drawn):
+        sandbox = sandboxes()
+        argv, outputs = _materialize(*drawn, sandbox)
+        ran.clear()
+        rc = _check(["bench", "attention", *argv], outputs, sandbox, capsys, fake_generation)
+        assert rc == 2 or ran, "an accepted command line measured nothing"
+        assert rc == 0 or not ran, "a refused command line started measuring"
+        _count("bench attention", rc)
+
+    run()
