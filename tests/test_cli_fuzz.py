@@ -362,15 +362,6 @@ def test_fuzz_mask(method, options, examples, sandboxes, capsys, fake_generation
     run()
 
 
-def test_fuzz_reached_both_outcomes():
-    """The strategies are not degenerate: each command had accepted and refused vectors (run after the fuzzers)."""
-    if not OUTCOMES:
-        pytest.skip("the fuzz tests did not run in this session")
-    print("accepted / refused per command:", OUTCOMES)
-    for command, counts in OUTCOMES.items():
-        assert counts[0] > 0 and counts[2] > 0, (command, counts)
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
 def test_path_kinds_cover_the_issue(tmp_path):
     """Each odd path of the issue is among the drawn kinds."""
@@ -419,3 +410,12 @@ def test_fuzz_bench_attention(sandboxes, capsys, fake_generation, monkeypatch):
         _count("bench attention", rc)
 
     run()
+
+
+def test_fuzz_reached_both_outcomes():
+    """The strategies are not degenerate: each command had accepted and refused vectors (run after the fuzzers)."""
+    if not OUTCOMES:
+        pytest.skip("the fuzz tests did not run in this session")
+    print("accepted / refused per command:", OUTCOMES)
+    for command, counts in OUTCOMES.items():
+        assert counts[0] > 0 and counts[2] > 0, (command, counts)
