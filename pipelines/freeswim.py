@@ -145,6 +145,17 @@ class FreeSwimPipeline(FreeSwimRefineMixin, WanPipeline):
     freeswim_cell = 16  # pixels per latent token (VAE 8x, patch 2x)
     freeswim_frame_step = 4
 
+    def _check_wan21(self) -> None:
+        """FreeSwim is defined for Wan 2.1 (one transformer, 16-px latent cells): refuse a Wan 2.2 checkpoint
+        (two experts switched by timestep, or TI2V-5B's 32-px cells) instead of refining it wrongly."""
+        if getattr(self, "transformer_2", None) is not None or self.config.get("boundary_ratio") is not None:
+            raise ValueError("FreeSwimPipeline runs Wan 2.1 checkpoints; this one has two experts (Wan 2.2 A14B), "
+                             "which FreeSwim does not define")
+        cell = int(self.vae_scale_factor_spatial) * int(self.transformer.config.patch_size[-1])
+        if cell != self.freeswim_cell:
+            raise ValueError(f"FreeSwimPipeline runs Wan 2.1 checkpoints (16-px latent cells); this one has {cell}-px "
+                             "cells (Wan 2.2 TI2V-5B?)")
+
     def _encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """``(B, F, C, H, W)`` frames in [0, 1] -> normalised latents (posterior mode)."""
         video = (frames * 2 - 1).permute(0, 2, 1, 3, 4).to(self.vae.dtype)
@@ -190,6 +201,7 @@ class FreeSwimPipeline(FreeSwimRefineMixin, WanPipeline):
         after the call (``processor.stats``)."""
         self.check_freeswim_inputs(height, width, base_height, base_width, num_frames, strength, mode, cache_steps,
                                    num_inference_steps, base_steps, refine_flow_shift)
+        self._check_wan21()
         proc = self._freeswim_processor(processor, base_height, base_width, tiles, cache_device, backend)
         device = self._execution_device
         cfg = guidance_scale > 1.0
@@ -216,6 +228,7 @@ class FreeSwimPipeline(FreeSwimRefineMixin, WanPipeline):
         finally:
             vidattn.remove(self)
             self.scheduler = stock_scheduler
+            proc.state.clear()  # the recorded cross-attention outputs (GBs at 1080p) are not needed any more
         video = self._decode(latents, output_type) if output_type != "latent" else latents
         self.maybe_free_model_hooks()
         return WanPipelineOutput(frames=video) if return_dict else (video,)

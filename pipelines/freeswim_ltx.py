@@ -171,6 +171,7 @@ class FreeSwimLTXPipeline(FreeSwimRefineMixin, LTXPipeline):
         finally:
             vidattn.remove(self)
             self.scheduler = stock_scheduler
+            proc.state.clear()  # the recorded cross-attention outputs are not needed any more
         if output_type == "latent":
             video = latents
         else:

@@ -204,3 +204,36 @@ def test_tiled_token_order_gives_the_same_video(freeswim_pipe):
                                                                                       block_size=16))
     assert max_diff(tiled, plain) < 1e-4
     assert max_diff(plain, raster) < 1e-4  # block size does not change an exact window
+
+
+def test_two_experts_never_share_a_cross_attention_slot():
+    from vidattn.pipelines.tiny import tiny_wan22_pipeline
+
+    pipe = tiny_wan22_pipeline()
+    vidattn.apply(pipe, FreeSwimProcessor(4, 4))
+    first = [b.attn2.processor.layer_index for b in pipe.transformer.blocks]
+    second = [b.attn2.processor.layer_index for b in pipe.transformer_2.blocks]
+    vidattn.remove(pipe)
+    assert len(set(first + second)) == len(first) + len(second)
+
+
+def test_freeswim_pipeline_refuses_wan22():
+    from vidattn.pipelines.freeswim import FreeSwimPipeline
+    from vidattn.pipelines.tiny import tiny_wan22_pipeline
+
+    pipe = tiny_wan22_pipeline(pipeline_cls=FreeSwimPipeline)
+    with pytest.raises(ValueError, match="Wan 2.1"):
+        _generate(pipe)
+
+
+@pytest.mark.parametrize("policy", [dict(dense_layers=2), dict(dense_steps=5)])
+def test_freeswim_scale_kept_where_a_policy_keeps_calls_dense(policy):
+    """Both branches use FreeSwim's scale in every layer and step (spec §2.3), also in layers/steps kept dense."""
+    model = tiny_transformer("wan")
+    inputs = tiny_transformer_inputs("wan", batch=2)
+    outs = []
+    for knobs in ({}, policy):
+        inst = vidattn.apply(model, FreeSwimProcessor(2, 2, scale_ratio=2.0, **knobs))
+        outs.append(_run_pass(model, inputs, inst.context, branch="full"))
+        vidattn.remove(model)
+    assert max_diff(outs[0], outs[1]) < 1e-6

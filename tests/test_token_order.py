@@ -167,3 +167,24 @@ def test_execute_plan_equals_reference_with_perm_and_scale():
     ref = torch.cat([reference_attention(qp[:, :, :12], kp, vp, top, scale=0.5)[0],
                      reference_attention(qp[:, :, 12:], kp, vp, bottom, scale=0.5)[0]], 2)[:, :, inverse]
     assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_per_token_timestep_passed_by_position_is_reordered_too():
+    """Wan 2.2 TI2V passes a per-token timestep; given by position it must follow the tokens like by keyword."""
+    model = tiny_transformer("wan")
+    inputs = tiny_transformer_inputs("wan", batch=2)
+    t, h, w = 5, 6, 8  # the tiny Wan grid after patching
+    per_token = torch.linspace(100, 900, t * h * w).expand(2, -1).contiguous()
+    keyword = dict(inputs, timestep=per_token)
+    raster, _ = run_applied(model, keyword, FullProcessor(block_size=32))
+    positional = dict(keyword)
+    args = (positional.pop("hidden_states"), positional.pop("timestep"))
+    vidattn.apply(model, FullProcessor(block_size=32, token_order="gilbert"))
+    try:
+        with torch.no_grad():
+            by_position = model(*args, **positional)[0]
+            by_keyword = model(**keyword)[0]
+    finally:
+        vidattn.remove(model)
+    assert max_diff(by_keyword, raster) < 1e-5
+    assert max_diff(by_position, raster) < 1e-5

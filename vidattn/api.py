@@ -151,6 +151,7 @@ def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
     context = StepContext(pipeline=None if isinstance(target, nn.Module) else target)
     processor.reset_state()  # fresh stats and caches for this installation, shared by its per-layer copies
     inst = Installation(processor=processor, context=context, stats=processor.stats)
+    cross_layers = 0
     try:
         for t in transformers:
             part = _TransformerChanges(inst, t)
@@ -163,7 +164,7 @@ def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
                 first = first or copy
                 adapter.set_processor(module, copy)
             order = processor.token_order if adapter.supports_token_order(t) else "raster"
-            _install_cross(part, adapter, t, processor, context)
+            cross_layers += _install_cross(part, adapter, t, processor, context, cross_layers)
             hook = StepHook(adapter, context, first, order)
             part.hook_id = t.register_forward_pre_hook(hook, with_kwargs=True).id
             if order != "raster":  # after the step hook, which sets the call's layout (and so its order)
@@ -179,21 +180,23 @@ def apply(target: Any, processor: SparseAttentionProcessor) -> Installation:
 
 
 def _install_cross(part: _TransformerChanges, adapter: ModelAdapter, transformer: nn.Module,
-                   processor: SparseAttentionProcessor, context: StepContext) -> None:
+                   processor: SparseAttentionProcessor, context: StepContext, first_layer: int) -> int:
     """Per-layer copies of the method's cross-attention processor (``processor.cross_processor()``, e.g. FreeSwim's
-    record/replay) on the family's cross-attention modules; recorded for exact restore."""
+    record/replay) on the family's cross-attention modules, numbered from ``first_layer`` (so Wan 2.2's two experts
+    never share a layer index); recorded for exact restore. Returns the number of modules."""
     make = getattr(processor, "cross_processor", None)
     if make is None:
-        return
+        return 0
     modules = adapter.cross_attention_modules(transformer)
     if not modules:
         processor.log_once("no-cross", f"vidattn: {adapter.title or adapter.name} has no separate cross-attention; "
                            f"{type(processor).__name__}'s cross-attention roles do not apply there")
-        return
+        return 0
     cross = make()
     for layer, (_, module) in enumerate(modules):
         part.originals.append((adapter, module, adapter.get_processor(module)))
-        adapter.set_processor(module, cross.for_layer(layer, context, adapter))
+        adapter.set_processor(module, cross.for_layer(first_layer + layer, context, adapter))
+    return len(modules)
 
 
 def _undo(inst: Installation) -> None:

@@ -14,6 +14,7 @@ read the order from the :class:`~vidattn.layout.TokenLayout`. Nothing patches ``
 """
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -125,6 +126,7 @@ class OrderHooks:
         self.context = context
         self.points = points
         self.handles: list[tuple[str, str, int]] = []  # (module path, hook kind, id)
+        self.forward_params: list[str] = []  # the transformer's forward parameters (arguments passed by position)
         self._device_cache: dict = {}
 
     # ------------------------------------------------------------------ the permutation of the call in progress
@@ -155,7 +157,15 @@ class OrderHooks:
 
     # ------------------------------------------------------------------ hooks
     def on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """Transformer pre-hook (after the step hook): per-token arguments and rotary tables passed in."""
+        """Transformer pre-hook (after the step hook): per-token arguments and rotary tables passed in, by keyword or
+        by position."""
+        args = list(args)
+        for i, name in enumerate(self.forward_params[:len(args)]):
+            if name in self.points.token_kwargs:
+                args[i] = self._move(args[i], 1)
+            elif name == self.points.rope_kwarg:
+                args[i] = self._move_tables(args[i], self.points.rope_dim)
+        args = tuple(args)
         kwargs = dict(kwargs)
         for name in self.points.token_kwargs:
             if name in kwargs:
@@ -181,6 +191,7 @@ class OrderHooks:
     def install(self, transformer: nn.Module) -> None:
         """Register the hooks on ``transformer`` (the step hook must already be registered: it sets the layout)."""
         p = self.points
+        self.forward_params = [name for name in inspect.signature(transformer.forward).parameters if name != "self"]
         plan = [("", "pre", self.on_forward)]
         if p.rope:
             plan.append((p.rope, "post", self.on_rope))

@@ -181,6 +181,15 @@ class SparseAttentionProcessor:
         """The block pattern for this call (``q``, ``k`` are BSHD). Static methods ignore q and k."""
         raise NotImplementedError
 
+    def dense_scale(self, head_dim: int) -> Optional[float]:
+        """The softmax scale of calls this method leaves dense by policy (warm-up steps, dense layers): ``None``,
+        the stock ``D**-0.5``, unless the method changes the logits everywhere (FreeSwim)."""
+        return None
+
+    def _dense(self, dense_fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scale = self.dense_scale(q.shape[-1])
+        return dense_fn(q, k, v) if scale is None else dense_fn(q, k, v, scale=scale)
+
     def plan(self, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> AttentionPlan:
         """The attention plan of this call (BSHD q, k, v in ``layout``'s order): by default one pattern over all rows
         (:meth:`pattern`); dynamic methods override it."""
@@ -323,7 +332,7 @@ class SparseAttentionProcessor:
                                       "disable it (or use dense_layers/dense_steps to keep those layers dense)")
         if torch.compiler.is_compiling():
             if reason is not None:
-                return dense_fn(q, k, v)
+                return self._dense(dense_fn, q, k, v)
             if (self.static_pattern and self.token_order == layout.order
                     and type(self).plan is SparseAttentionProcessor.plan):
                 return sparse_attention(q, k, v, self._pattern_for(layout, q, k), layout="bshd", backend=self.backend)
@@ -333,7 +342,7 @@ class SparseAttentionProcessor:
             ensure_built()  # builds/loads the C++ CPU kernel once per process, before the timer starts
         start = time.perf_counter() if timed else 0.0
         if reason is not None:
-            out = dense_fn(q, k, v)
+            out = self._dense(dense_fn, q, k, v)
             self.stats.record(False, 1.0, time.perf_counter() - start if timed else 0.0, reason)
             return out
         out, plan = self._attend_planned(q, k, v, layout, dense_fn)

@@ -131,6 +131,8 @@ class FreeSwimProcessor(SparseAttentionProcessor):
         base = self.scale_base_tokens or self.base_rows * self.base_cols
         return freeswim_scale(head_dim, base, self.scale_ratio)
 
+    dense_scale = scale  # FreeSwim's scale also where a policy (dense_layers, dense_steps) keeps a call dense
+
     def pattern(self, layout: TokenLayout, q: Any, k: Any):
         from ..patterns.window import window_pattern
 
