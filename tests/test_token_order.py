@@ -188,3 +188,17 @@ def test_per_token_timestep_passed_by_position_is_reordered_too():
         vidattn.remove(model)
     assert max_diff(by_keyword, raster) < 1e-5
     assert max_diff(by_position, raster) < 1e-5
+
+
+def test_tile_order_puts_whole_tiles_first_in_each_frame():
+    from vidattn.token_order import tile_order
+
+    frames, rows, cols, tr, tc = 2, 10, 13, 4, 4  # edge tiles on both axes
+    perm = tile_order(frames, rows, cols, tr, tc)
+    assert torch.equal(perm.sort().values, torch.arange(frames * rows * cols))
+    whole = (rows // tr) * (cols // tc) * tr * tc
+    for f in range(frames):
+        frame = perm[f * rows * cols:(f + 1) * rows * cols] - f * rows * cols
+        assert ((frame // cols) // tr * tr + tr <= rows).logical_and((frame % cols) // tc * tc + tc <= cols)[:whole].all()
+        first_tile = frame[:tr * tc]
+        assert set(first_tile.tolist()) == {y * cols + x for y in range(tr) for x in range(tc)}

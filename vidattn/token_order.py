@@ -61,13 +61,17 @@ def is_token_order(name: object) -> bool:
 
 
 def tile_order(frames: int, rows: int, cols: int, tile_rows: int, tile_cols: int) -> torch.Tensor:
-    """Spatial tiles: frame by frame, tiles of ``tile_rows x tile_cols`` cells in raster order of tiles, each tile's
-    cells in raster order (edge tiles are smaller). ``perm[i]`` is the raster index of the i-th token."""
+    """Spatial tiles: frame by frame, first the whole ``tile_rows x tile_cols`` tiles in raster order of tiles, each
+    tile's cells in raster order, then the cells of the smaller edge tiles (when the frame is not a multiple of the
+    tile), so that the whole tiles stay aligned to blocks of a multiple of the tile size. ``perm[i]`` is the raster
+    index of the i-th token."""
     t, y, x = torch.meshgrid(torch.arange(frames), torch.arange(rows), torch.arange(cols), indexing="ij")
     tiles_per_row = -(-cols // tile_cols)
     tile = (y // tile_rows) * tiles_per_row + x // tile_cols
-    key = ((t * (-(-rows // tile_rows) * tiles_per_row) + tile) * (tile_rows * tile_cols)
-           + (y % tile_rows) * tile_cols + x % tile_cols)
+    edge = ((y // tile_rows + 1) * tile_rows > rows) | ((x // tile_cols + 1) * tile_cols > cols)
+    cells = tile_rows * tile_cols
+    per_frame = -(-rows // tile_rows) * tiles_per_row
+    key = ((t * 2 + edge.long()) * per_frame + tile) * cells + (y % tile_rows) * tile_cols + x % tile_cols
     return torch.argsort(key.flatten())
 
 
