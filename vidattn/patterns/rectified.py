@@ -138,29 +138,50 @@ def _valid_counts(n_video: int, block: int, device: torch.device) -> torch.Tenso
     return (torch.clamp(lo + block, max=n_video) - lo).to(torch.float32)
 
 
-def _blocked(x: torch.Tensor, n_video: int, block: int) -> torch.Tensor:
-    """fp32 ``[B, H, n, block, D]`` video tokens, zero-padded past ``n_video`` (may alias an fp32 input: read only)."""
-    b, h, _, d = x.shape
-    nvb = -(-n_video // block)
-    if nvb * block == n_video:
-        xv = x[:, :, :n_video].float()
-    else:
-        xv = x.new_zeros(b, h, nvb * block, d, dtype=torch.float32)
-        xv[:, :, :n_video] = x[:, :, :n_video]
-    return xv.reshape(b, h, nvb, block, d)
+# fp32 elements per block-means chunk: 1 MiB on the CPU (cache-sized temporaries), 256 MiB on a device
+# (few launches). Chunks are whole blocks, so the chunk size never changes a result.
+_CPU_CHUNK_ELEMENTS = 1 << 18
+_DEVICE_CHUNK_ELEMENTS = 1 << 26
+
+
+def _block_stats(xb: torch.Tensor, counts: torch.Tensor, deviation: bool,
+                 valid: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``xb`` ``[B, H, c, block, D]`` (any float dtype; tokens past ``valid`` are zero padding), ``counts`` fp32
+    ``[c]``: fp32 means ``Σ x / c_m`` and, with ``deviation``, ``Σ_valid |x - x̄| / c_m`` (upcast before the
+    subtraction, so an fp16/bf16 input gives exactly the values of its fp32 upcast). Blocks are made row-major
+    first, so the summation order (and the result) does not depend on the input's memory layout."""
+    xb = xb.float()
+    if xb.stride()[3:] != (xb.shape[4], 1):
+        xb = xb.contiguous()
+    mean = xb.sum(3).div_(counts[:, None])
+    if not deviation:
+        return mean, None
+    dev = torch.sub(xb, mean[:, :, :, None]).abs_()
+    if valid is not None:
+        dev[:, :, :, valid:] = 0
+    return mean, dev.sum(3).div_(counts[:, None])
 
 
 def _block_means(x: torch.Tensor, counts: torch.Tensor, n_video: int, block: int,
                  deviation: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Valid-count block means ``x̄_m = Σ x / c_m`` and, with ``deviation``, ``mean |x - x̄_m|`` (``[B, H, n, D]``)."""
-    xb = _blocked(x, n_video, block)
-    mean = xb.sum(3) / counts[:, None]
-    if not deviation:
-        return mean, None
-    dev = (xb - mean[:, :, :, None]).abs_()
-    tail = n_video - (xb.shape[2] - 1) * block
-    dev[:, :, -1, tail:] = 0                        # the ragged last block's padding
-    return mean, dev.sum(3) / counts[:, None]
+    """Valid-count block means ``x̄_m = Σ x / c_m`` and, with ``deviation``, ``mean |x - x̄_m|`` (``[B, H, n, D]``).
+
+    No padded or full-size fp32 copy: the ``n_video // block`` full blocks are read through a view of ``x`` in
+    chunks of whole blocks (``_*_CHUNK_ELEMENTS``: the fp32 temporaries stay small); only the ragged last block
+    (``c_m < block`` valid tokens) is copied, zero-padded to ``block`` tokens, so every sum runs exactly as over a
+    padded tensor."""
+    b, h, _, d = x.shape
+    n_full, tail = divmod(n_video, block)
+    full = x[:, :, :n_full * block].unflatten(2, (n_full, block))
+    budget = _CPU_CHUNK_ELEMENTS if x.device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+    step = max(1, budget // max(1, b * h * block * d))
+    parts = [_block_stats(full[:, :, lo:lo + step], counts[lo:min(lo + step, n_full)], deviation)
+             for lo in range(0, n_full, step)]
+    if tail:
+        ragged = F.pad(x[:, :, n_full * block:n_video].float(), (0, 0, 0, block - tail))[:, :, None]
+        parts.append(_block_stats(ragged, counts[n_full:], deviation, valid=tail))
+    mean = torch.cat([m for m, _ in parts], dim=2)
+    return mean, (torch.cat([a for _, a in parts], dim=2) if deviation else None)
 
 
 def _text_mask(text_valid: Optional[torch.Tensor], batch: int, n_text: int, device: torch.device) -> torch.Tensor:
