@@ -412,6 +412,46 @@ def test_fuzz_bench_attention(sandboxes, capsys, fake_generation, monkeypatch):
     run()
 
 
+BENCH_FREESWIM = {
+    "--grids": _values("1x12x20", "2x12x20:1", bad=("12x20", "0x1x1", "x", "")),
+    "--base": _values("6x10", "4x4", bad=("6", "0x1", "x")),
+    "--tiles": _values("4x4", "8x16", bad=("4", "0x4")),
+    "--heads": _values("1", "2", bad=("0", "-1")),
+    "--head-dim": _values("16", "32", bad=("0", "15")),
+    "--block-size": _values("16", "32", bad=("0",)),
+    "--backends": _values("auto", "torch", bad=("triton", "gpu", "")),
+    "--device": _values("cpu", bad=("cuda", "gpu0", "")),
+    "--repeats": _values("1", "3", bad=("0",)),
+    "--warmup": _values("0", "1", bad=("-1",)),
+    "--threads": _values("1", "2", bad=("0",)),
+    "--step-grid": _values("none", "1x8x8", bad=("8x8", "1x8x8:2")),
+    "--cache-steps": _values("2", "2,5", bad=("0", "x")),
+    "--no-attention": None,
+    "--quick": None,
+}
+
+
+def test_fuzz_bench_freeswim(sandboxes, capsys, fake_generation, monkeypatch):
+    """bench freeswim: measurements stubbed; the checks before them must hold for any argument vector."""
+    from vidattn.commands import bench_freeswim as fs_cmd
+
+    ran = []
+    monkeypatch.setattr(fs_cmd, "_attention", lambda args, settings, dtype: ran.append(1) or ([], []))
+    monkeypatch.setattr(fs_cmd, "_steps", lambda args, settings, dtype: ran.append(1) or ([], []))
+
+    @settings(FUZZ, max_examples=int(150 * SCALE))
+    @given(drawn=argv_for(BENCH_FREESWIM))
+    def run(drawn):
+        sandbox = sandboxes()
+        argv, outputs = _materialize(*drawn, sandbox)
+        ran.clear()
+        rc = _check(["bench", "freeswim", *argv], outputs, sandbox, capsys, fake_generation)
+        assert rc == 0 or not ran, "a refused command line started measuring"
+        _count("bench freeswim", rc)
+
+    run()
+
+
 def test_fuzz_reached_both_outcomes():
     """The strategies are not degenerate: each command had accepted and refused vectors (run after the fuzzers)."""
     if not OUTCOMES:
