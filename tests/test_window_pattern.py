@@ -3,7 +3,6 @@ worked example, window sizes, the truncated ablation, temporal windows, text, to
 classification, composition with radial, the token predicates on the torch / flex backends, and the CLI."""
 from __future__ import annotations
 
-import argparse
 import pickle
 import time
 
@@ -331,11 +330,9 @@ def test_1080p_builds_fast():
 
 # ---------------------------------------------------------------------------------------------------- CLI
 def _cli(argv: list[str]) -> int:
-    from vidattn.cli import build_parser
+    from vidattn.cli import main
 
-    args = build_parser().parse_args(argv)
-    assert isinstance(args, argparse.Namespace)
-    return args.func(args)
+    return main(argv)
 
 
 def test_mask_window_command(tmp_path, capsys):

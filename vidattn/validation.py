@@ -18,7 +18,6 @@ bad arguments), before a model is loaded or a picture is computed. The checks ar
 from __future__ import annotations
 
 import difflib
-import functools
 import json
 import math
 import os
@@ -27,7 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 __all__ = [
     "EXIT_USAGE",
@@ -50,7 +49,6 @@ __all__ = [
     "check_seed",
     "command_name",
     "dense_warnings",
-    "guarded",
     "knob_error",
     "report",
     "resolve_settings",
@@ -125,19 +123,6 @@ def command_name(args: Any) -> str:
     command = getattr(args, "command", None) or "vidattn"
     sub = getattr(args, {"mask": "method", "bench": "what"}.get(command, ""), None)
     return f"{command} {sub}" if isinstance(sub, str) else command
-
-
-def guarded(command: str) -> Callable:
-    """Decorator for a command's ``run(args)``: a :class:`UsageError` is reported as one line and gives exit 2."""
-    def wrap(run: Callable) -> Callable:
-        @functools.wraps(run)
-        def inner(args: Any) -> int:
-            try:
-                return run(args)
-            except UsageError as err:
-                return report(command, err)
-        return inner
-    return wrap
 
 
 # ---------------------------------------------------------------------------------------------------- values

@@ -114,23 +114,18 @@ def _check(args: argparse.Namespace) -> dict:
     drop_rates = _floats(args.drop_rates, "--drop-rates")
     if not drop_rates or any(not 0 <= d < 1 for d in drop_rates):
         raise ValueError(f"--drop-rates must be a comma list of numbers in [0, 1), got {args.drop_rates!r}")
-    from vidattn.validation import UsageError, check_backend, check_device
+    from vidattn.validation import check_backend, check_device
 
-    try:
-        device = check_device(args.device)
-    except UsageError as err:
-        raise ValueError(str(err)) from None
+    # UsageError is a ValueError: the caller prints it as one line like the checks below.
+    device = check_device(args.device)
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
     backends = [b for b in args.backends.split(",") if b]
     bad = [b for b in backends if b not in BACKENDS]
     if bad or not backends:
         raise ValueError(f"--backends must be a comma list of {BACKENDS}, got {args.backends!r}")
-    try:  # a backend that cannot run on this device is refused before any work, naming those that can
-        for name in backends:
-            check_backend(name, device, option="--backends")
-    except UsageError as err:
-        raise ValueError(str(err)) from None
+    for name in backends:  # a backend that cannot run on this device is refused, naming those that can
+        check_backend(name, device, option="--backends")
     if args.pattern == "rectified" and len(backends) != 1:
         raise ValueError(f"--backends takes exactly one backend with --method rectified, got {args.backends!r}")
     for name in ("heads", "head_dim", "block_size", "repeats"):

@@ -136,14 +136,13 @@ def check(args: argparse.Namespace) -> dict:
         raise ValueError(f"--backends must be a comma list of {BACKENDS}, got {args.backends!r}")
     if args.head_dim % 2:
         raise ValueError(f"--head-dim must be even (Wan's rotary embedding pairs channels), got {args.head_dim}")
-    from vidattn.validation import UsageError, check_backend, check_device
+    from vidattn.validation import check_backend, check_device
 
-    try:  # the shared checks: a known, present device; backends that run on it (naming those that can)
-        args.device = check_device(args.device)
-        for name in backends:
-            check_backend(name, args.device, option="--backends")
-    except UsageError as err:
-        raise ValueError(str(err)) from None
+    # the shared checks (UsageError is a ValueError, printed by run like the others): a known, present device;
+    # backends that run on it, naming those that can
+    args.device = check_device(args.device)
+    for name in backends:
+        check_backend(name, args.device, option="--backends")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.no_attention and step_grid is None:

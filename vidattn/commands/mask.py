@@ -44,9 +44,6 @@ def register(subparsers: Any) -> None:
     mask_window.register(methods)
 
 
-COMMAND = "mask radial"
-
-
 def _write_png(path: Any, image: Any, overwrite: bool = False) -> tuple[int, int]:
     """Save the ``(nq, nk)`` uint8 picture atomically, each block upscaled to at least ``MIN_PICTURE`` pixels
     overall; an existing file is kept unless ``overwrite`` (FileExistsError)."""
@@ -80,15 +77,7 @@ def save_picture(target: Any, image: Any, overwrite: bool) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..validation import UsageError, report
-
-    try:
-        return _run(args)
-    except UsageError as err:
-        return report(COMMAND, err)
-
-
-def _run(args: argparse.Namespace) -> int:
+    """A :class:`~vidattn.validation.UsageError` raised here is printed as one line by ``vidattn.cli.main``."""
     import time
 
     from .. import validation as v

@@ -29,9 +29,6 @@ def register(methods: Any) -> None:
     p.set_defaults(func=run)
 
 
-COMMAND = "mask rectified"
-
-
 def _picture(stats: Any, head: int) -> Any:
     import torch
 
@@ -46,15 +43,7 @@ def _picture(stats: Any, head: int) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..validation import UsageError, report
-
-    try:
-        return _run(args)
-    except UsageError as err:
-        return report(COMMAND, err)
-
-
-def _run(args: argparse.Namespace) -> int:
+    """A :class:`~vidattn.validation.UsageError` raised here is printed as one line by ``vidattn.cli.main``."""
     from .. import validation as v
     from ..processors.rectified import RectifiedProcessor
     from .mask import save_picture

@@ -36,19 +36,8 @@ def register(methods: Any) -> None:
     p.set_defaults(func=run)
 
 
-COMMAND = "mask window"
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..validation import UsageError, report
-
-    try:
-        return _run(args)
-    except UsageError as err:
-        return report(COMMAND, err)
-
-
-def _run(args: argparse.Namespace) -> int:
+    """A :class:`~vidattn.validation.UsageError` raised here is printed as one line by ``vidattn.cli.main``."""
     import time
     from dataclasses import replace
 
