@@ -82,7 +82,7 @@ def ensure_built() -> bool:
     return cpu_extension()
 
 
-def _runs_forward_fake(q, k, v, acc, lse, tasks, calls, scale, workers) -> None:
+def _runs_forward_fake(q, k, v, acc, lse, tasks, calls, scale, workers, q_bounds=None, k_coords=None) -> None:
     """Shape-only version for tracing (``torch.compile``): the op only writes into ``acc`` and ``lse``."""
 
 

@@ -17,7 +17,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["PermutedPredicate", "TemporalWindowPredicate", "WindowPredicate", "window_starts"]
+__all__ = ["ALWAYS", "PermutedPredicate", "TemporalWindowPredicate", "WindowPredicate", "window_starts",
+           "window_tables"]
+
+#: Key time coordinate of a token that every query keeps (text), in :func:`window_tables`.
+ALWAYS = -(2 ** 31)
+_OPEN = 2 ** 30  # half-width of the bounds that hold every coordinate
 
 
 def window_starts(length: int, half: int, inward: bool = True) -> tuple[torch.Tensor, int]:
@@ -194,3 +199,57 @@ class PermutedPredicate:
     def __call__(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         last = self.perm.numel() - 1
         return self.base(self.perm[q_idx.clamp(0, last)], self.perm[kv_idx.clamp(0, last)])
+
+
+def window_tables(predicate: Any, q_len: int, kv_len: int) -> "tuple[torch.Tensor, torch.Tensor] | None":
+    """The window predicate as per-token tables, or None for a predicate that is not a window.
+
+    ``q_bounds`` int32 ``(q_len, 6)``: ``t0, t1, y0, y1, x0, x1`` of each query's window (a text query: bounds that
+    hold every coordinate); ``k_coords`` int32 ``(kv_len, 3)``: ``t, y, x`` of each key (a text key: ``t = ALWAYS``).
+    The pair ``(q, k)`` is kept iff ``k_coords[k, 0] == ALWAYS`` or every coordinate lies in its half-open bounds —
+    exactly ``predicate(q, k)`` for :class:`WindowPredicate`, :class:`TemporalWindowPredicate` and a
+    :class:`PermutedPredicate` over either (the tables are read through ``perm``). The CPU extension builds partial
+    blocks' masks from them.
+    """
+    perm = None
+    if isinstance(predicate, PermutedPredicate):
+        perm, predicate = predicate.perm.cpu(), predicate.base
+    if isinstance(predicate, TemporalWindowPredicate):
+        spatial, t_start, t_len = predicate.spatial, predicate.frame_start.cpu().long(), predicate.frame_len
+    elif isinstance(predicate, WindowPredicate):
+        spatial, t_start, t_len = predicate, None, None
+    else:
+        return None
+    return _tables_at(spatial, t_start, t_len, perm, q_len), _coords_at(spatial, perm, kv_len)
+
+
+def _raster(idx: torch.Tensor, perm: "torch.Tensor | None") -> torch.Tensor:
+    return idx if perm is None else perm[idx.clamp(0, perm.numel() - 1)]
+
+
+def _grid(sp: WindowPredicate, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(is_video, t, y, x)`` of raster sequence indices."""
+    v = idx - sp.video_start
+    video = (v >= 0) & (v < sp.video_tokens)
+    v = v.clamp(0, sp.video_tokens - 1)
+    hw = sp.height * sp.width
+    return video, v // hw, (v % hw) // sp.width, v % sp.width
+
+
+def _tables_at(sp: WindowPredicate, t_start, t_len, perm, q_len: int) -> torch.Tensor:
+    video, t, y, x = _grid(sp, _raster(torch.arange(q_len, dtype=torch.int64), perm))
+    y0, x0 = sp.row_start.cpu().long()[y], sp.col_start.cpu().long()[x]
+    if t_start is None:
+        t0, t1 = torch.full_like(t, -_OPEN), torch.full_like(t, _OPEN)
+    else:
+        t0 = t_start[t]
+        t1 = t0 + t_len
+    bounds = torch.stack([t0, t1, y0, y0 + sp.row_len, x0, x0 + sp.col_len], 1)
+    open_row = torch.tensor([-_OPEN, _OPEN] * 3, dtype=torch.int64)
+    return torch.where(video[:, None], bounds, open_row).to(torch.int32).contiguous()
+
+
+def _coords_at(sp: WindowPredicate, perm, kv_len: int) -> torch.Tensor:
+    video, t, y, x = _grid(sp, _raster(torch.arange(kv_len, dtype=torch.int64), perm))
+    t = torch.where(video, t, torch.full_like(t, ALWAYS))
+    return torch.stack([t, y, x], 1).to(torch.int32).contiguous()

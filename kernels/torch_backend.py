@@ -18,7 +18,7 @@ keys (``index_select``) and calls SDPA with a boolean mask once; autograd flows 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .cpu_ext import cpu_extension
 from .cpu_plan import plan_rects, rect_cost
 from .pattern import BlockPattern
+from .predicates import window_tables
 
 __all__ = ["torch_sparse_attention", "plan_runs"]
 
@@ -214,23 +215,50 @@ Call = tuple[slice, slice, int, int, int, int, bool]  # (batch, heads, q0, q1, k
 _EXT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _ext_program(pattern: BlockPattern, b: int, h: int,
-                 per_head: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[Call]]:
-    """The extension's ``tasks (T, 2)`` and ``calls (C, 8)`` for inputs of batch ``b`` and ``h`` heads, and the
-    calls that need a mask (partial blocks; keys past a sample's ``kv_lens``), left to Python. One task per strip of
-    one group (``per_head``: of one sample and head, for more tasks than strips), longest first. Memoised on the
-    pattern."""
+class ExtProgram(NamedTuple):
+    """The extension's input for one pattern and input shape: ``tasks (T, 2)`` ranges of ``calls (C, 9)`` rows
+    (batch, heads, queries, keys, windowed flag), the window tables the windowed calls read (None when no call is
+    windowed) and the calls left to Python (they need a mask the extension cannot build)."""
+
+    tasks: torch.Tensor
+    calls: torch.Tensor
+    tables: Optional[tuple[torch.Tensor, torch.Tensor]]
+    masked: list[Call]
+
+
+def _ext_program(pattern: BlockPattern, b: int, h: int, per_head: bool = False) -> ExtProgram:
+    """The extension's program for inputs of batch ``b`` and ``h`` heads. One task per strip of one group
+    (``per_head``: of one sample and head, for more tasks than strips), longest first; a strip's task holds its
+    full rectangles and, for a window predicate, its partial runs (windowed calls). Memoised on the pattern."""
     return pattern.memo(("ext", b, h, per_head), lambda: _build_ext_program(pattern, b, h, per_head),
                         structural=False)
 
 
-def _build_ext_program(pattern: BlockPattern, b: int, h: int,
-                       per_head: bool) -> tuple[torch.Tensor, torch.Tensor, list[Call]]:
+def _strip_rows(pattern: BlockPattern) -> int:
+    """Query tokens per strip, as :func:`plan_rects` cuts them."""
+    return max(1, 1024 // pattern.block_q) * pattern.block_q
+
+
+def _partial_calls(pattern: BlockPattern, g: int, strip_q: int) -> dict[int, list[tuple[int, int, int, int]]]:
+    """Group ``g``'s partial runs ``(q0, q1, k0, k1)`` by strip index, cut at strip boundaries."""
+    out: dict[int, list[tuple[int, int, int, int]]] = {}
+    for q0, q1, row in plan_runs(pattern)[g]:
+        a = q0
+        while a < q1:
+            i = a // strip_q
+            end = min(q1, (i + 1) * strip_q)
+            out.setdefault(i, []).extend((a, end, k0, k1) for k0, k1, part in row if part)
+            a = end
+    return out
+
+
+def _build_ext_program(pattern: BlockPattern, b: int, h: int, per_head: bool) -> ExtProgram:
     bp, hp = pattern.groups
     lens = None if pattern.kv_lens is None else pattern.kv_lens.tolist()
+    tables = None if pattern.partial is None else window_tables(pattern.predicate, pattern.q_len, pattern.kv_len)
     tasks: list[tuple[float, list[list[int]]]] = []
     masked: list[Call] = []
-    runs = plan_runs(pattern) if pattern.partial is not None else None
+    strip_q = _strip_rows(pattern)
     for (g, bs, hs), strips in zip(_group_slices(pattern, b, h), plan_rects(pattern)):
         b0, b1 = (0, b) if bp == 1 else (bs.start, bs.stop)
         h0, h1 = (0, h) if hp == 1 else (hs.start, hs.stop)
@@ -238,25 +266,32 @@ def _build_ext_program(pattern: BlockPattern, b: int, h: int,
         longest = pattern.kv_len if lens is None else max(lens[b0:b1])
         pairs = ([(i, i + 1, j, j + 1) for i in range(b0, b1) for j in range(h0, h1)] if per_head
                  else [(b0, b1, h0, h1)])
+        by_strip: dict[int, list[tuple[int, int, int, int, bool]]] = {}
         for strip in strips:
+            by_strip.setdefault(strip[0][0] // strip_q, []).extend((*r, False) for r in strip)
+        if pattern.partial is not None:
+            for i, runs in _partial_calls(pattern, g, strip_q).items():
+                if tables is None:
+                    masked += [(bs, hs, q0, q1, k0, k1, True) for q0, q1, k0, k1 in runs]
+                else:
+                    by_strip.setdefault(i, []).extend((*r, True) for r in runs)
+        for _, rects in sorted(by_strip.items()):
             calls, cost = [], 0.0
-            for q0, q1, k0, k1 in strip:
+            for q0, q1, k0, k1, win in rects:
                 if k0 < clean_end:
-                    calls.append([q0, q1, k0, min(k1, clean_end)])
+                    calls.append([q0, q1, k0, min(k1, clean_end), int(win)])
                     cost += rect_cost(q1 - q0, min(k1, clean_end) - k0)
                 if k1 > clean_end and longest > max(k0, clean_end):
-                    masked.append((bs, hs, q0, q1, max(k0, clean_end), min(k1, longest), False))
+                    masked.append((bs, hs, q0, q1, max(k0, clean_end), min(k1, longest), win))
             tasks += [(cost, [[*pair, *c] for c in calls]) for pair in pairs if calls]
-        if runs is not None:
-            masked += [(bs, hs, q0, q1, k0, k1, True) for q0, q1, row in runs[g] for k0, k1, part in row if part]
     tasks.sort(key=lambda t: -t[0])
     bounds, flat = [], []
     for _, calls in tasks:
         bounds.append([len(flat), len(flat) + len(calls)])
         flat += calls
-    program = (torch.tensor(bounds, dtype=torch.int64).reshape(-1, 2),
-               torch.tensor(flat, dtype=torch.int64).reshape(-1, 8), masked)
-    return program
+    windowed = any(c[-1] for c in flat)
+    return ExtProgram(torch.tensor(bounds, dtype=torch.int64).reshape(-1, 2),
+                      torch.tensor(flat, dtype=torch.int64).reshape(-1, 9), tables if windowed else None, masked)
 
 
 def _merge_into(acc: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, out_lse: torch.Tensor) -> None:
@@ -277,16 +312,18 @@ def _ext_forward(q, k, v, pattern: BlockPattern, scale: float, return_lse: bool)
     b, h, sq, _ = q.shape
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     threads = torch.get_num_threads()
-    tasks, calls, masked = _ext_program(pattern, b, h)
-    if threads > 1 and len(tasks) < 2 * threads and b * h > 1:
-        tasks, calls, masked = _ext_program(pattern, b, h, per_head=True)
+    program = _ext_program(pattern, b, h)
+    if threads > 1 and len(program.tasks) < 2 * threads and b * h > 1:
+        program = _ext_program(pattern, b, h, per_head=True)
+    tasks, calls, masked = program.tasks, program.calls, program.masked
+    q_bounds, k_coords = program.tables if program.tables is not None else (None, None)
     acc = torch.zeros(b, sq, h, v.shape[-1], dtype=torch.float32).transpose(1, 2)
     lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float32)
     if calls.numel() and len(tasks) >= 2 * threads:
         with _one_thread_per_call():
-            torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, tasks, calls, scale, threads)
+            torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, tasks, calls, scale, threads, q_bounds, k_coords)
     elif calls.numel():
-        torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, tasks, calls, scale, 1)
+        torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, tasks, calls, scale, 1, q_bounds, k_coords)
     for bs, hs, q0, q1, k0, k1, part in masked:
         o, l = _flash(q[bs, hs, q0:q1], k[bs, hs, k0:k1], v[bs, hs, k0:k1],
                       _run_mask(pattern, q0, q1, k0, k1, part, bs), scale)

@@ -124,7 +124,8 @@ def test_padded_keys_split_the_calls_at_each_samples_length():
         out, lse = sparse_attention(q, k, v, p, backend="torch", return_lse=True)
     assert (out - ref).abs().max().item() <= 1e-5
     assert_lse_close(lse, ref_lse)
-    _, calls, masked = torch_backend._ext_program(p, 2, 2)
+    prog = torch_backend._ext_program(p, 2, 2)
+    calls, masked = prog.calls, prog.masked
     assert int(calls[:, 7].max()) == 60
     assert [(k0, k1) for *_, k0, k1, _ in masked] == [(60, 137)]  # keys past every sample's length: skipped
 
@@ -145,7 +146,7 @@ def test_per_sample_patterns_over_several_strips_on_worker_threads():
     ref, ref_lse = reference_attention(q, k, v, p, return_lse=True)
     with threads(2), torch.inference_mode():
         out, lse = sparse_attention(q, k, v, p, backend="torch", return_lse=True)
-    tasks, _, _ = torch_backend._ext_program(p, 2, 2)
+    tasks = torch_backend._ext_program(p, 2, 2).tasks
     assert len(tasks) >= 4
     assert (out - ref).abs().max().item() <= 1e-5
     assert_lse_close(lse, ref_lse)
@@ -199,13 +200,13 @@ def test_op_checks_its_calls_and_raises_worker_errors():
     q, k, v, acc, lse = _op_args()
     tasks = torch.tensor([[0, 1]])
     with pytest.raises(RuntimeError, match="lies outside"):
-        op(q, k, v, acc, lse, tasks, torch.tensor([[0, 1, 0, 2, 0, 64, 0, 65]]), 1.0, 2)
+        op(q, k, v, acc, lse, tasks, torch.tensor([[0, 1, 0, 2, 0, 64, 0, 65, 0]]), 1.0, 2)
     with pytest.raises(RuntimeError, match="range of calls"):
-        op(q, k, v, acc, lse, torch.tensor([[0, 2]]), torch.tensor([[0, 1, 0, 2, 0, 64, 0, 64]]), 1.0, 2)
+        op(q, k, v, acc, lse, torch.tensor([[0, 2]]), torch.tensor([[0, 1, 0, 2, 0, 64, 0, 64, 0]]), 1.0, 2)
     with pytest.raises(RuntimeError, match="float32"):
-        op(q, k, v, acc.double(), lse, tasks, torch.tensor([[0, 1, 0, 2, 0, 64, 0, 64]]), 1.0, 2)
+        op(q, k, v, acc.double(), lse, tasks, torch.tensor([[0, 1, 0, 2, 0, 64, 0, 64, 0]]), 1.0, 2)
     k_bad = torch.randn(1, 2, 64, 16)  # head dims differ: the flash kernel fails inside a worker thread
-    calls = torch.tensor([[0, 1, 0, 2, i * 8, i * 8 + 8, 0, 64] for i in range(8)])
+    calls = torch.tensor([[0, 1, 0, 2, i * 8, i * 8 + 8, 0, 64, 0] for i in range(8)])
     with pytest.raises(RuntimeError):
         op(q, k_bad, v, acc, lse, torch.arange(9).repeat_interleave(2)[1:-1].reshape(8, 2), calls, 1.0, 2)
 
@@ -217,13 +218,13 @@ def test_op_has_a_fake_kernel_for_tracing():
     with FakeTensorMode():
         q, k, v, acc, lse = _op_args()
         torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, torch.tensor([[0, 1]]),
-                                           torch.tensor([[0, 1, 0, 2, 0, 64, 0, 64]]), 1.0, 1)
+                                           torch.tensor([[0, 1, 0, 2, 0, 64, 0, 64, 0]]), 1.0, 1)
 
 
 def test_op_merges_split_key_runs_exactly():
     """One row of queries against [0, 20) and [20, 64) in two tasks' worth of calls equals one dense call."""
     q, k, v, acc, lse = _op_args()
-    calls = torch.tensor([[0, 1, 0, 2, 0, 64, 0, 20], [0, 1, 0, 2, 0, 64, 20, 64]])
+    calls = torch.tensor([[0, 1, 0, 2, 0, 64, 0, 20, 0], [0, 1, 0, 2, 0, 64, 20, 64, 0]])
     torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, torch.tensor([[0, 2]]), calls, 8 ** -0.5, 1)
     dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
     assert (acc - dense).abs().max().item() <= 1e-6
