@@ -2,7 +2,8 @@
 ``csrc/block_sparse_cpu.cpp``.
 
 The extension registers ``torch.ops.vidattn_cpu.runs_forward``: the torch backend's inference loop (one fused CPU
-flash call per dense rectangle, log-sum-exp merge) in C++, run on the intra-op threads without the GIL. Building
+flash call per dense rectangle, log-sum-exp merge; partial blocks of a window predicate masked from per-token
+bound tables) in C++, run on the intra-op threads without the GIL. Building
 needs a C++ compiler and ninja (a dependency); it takes 15-60 s the first time, then loads from the extensions folder
 (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions/<python>_<accelerator>``).
 

@@ -9,8 +9,9 @@ elsewhere), which also returns the log-sum-exp, so a query row's partial results
 On CPU with the C++ extension (``cpu_ext``) the rectangles come from ``cpu_plan`` (tall ones where the pattern
 allows: the kernel runs them faster) and the call-and-merge loop runs in C++ on all intra-op threads. Without it,
 the same loop runs in Python over one call per query block and key run, on worker threads (the kernel releases the
-GIL). Partial blocks (token predicate) and per-sample key lengths become an additive ``-inf`` mask on the calls
-that need one; those run in Python in both cases.
+GIL). Partial blocks of a window predicate (``predicates.window_tables``) are masked inside the extension and run on
+its workers with the full rectangles; other partial blocks (token predicate) and per-sample key lengths become an
+additive ``-inf`` mask built in Python on the calls that need one.
 
 Training (grad enabled): the kernel's log-sum-exp output is not differentiable, so each query block gathers its
 keys (``index_select``) and calls SDPA with a boolean mask once; autograd flows through SDPA.
