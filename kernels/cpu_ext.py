@@ -1,7 +1,8 @@
 """Builds (once per source, torch version and flags on a machine) and loads the CPU block-sparse extension
 ``csrc/block_sparse_cpu.cpp``.
 
-The extension registers ``torch.ops.vidattn_cpu.runs_forward``: the torch backend's inference loop (one fused CPU
+The extension registers ``torch.ops.vidattn_cpu.runs_forward`` (and its ``runs_backward``, for training): the torch
+backend's inference loop (one fused CPU
 flash call per dense rectangle, log-sum-exp merge; partial blocks of a window predicate masked from per-token
 bound tables) in C++, run on the intra-op threads without the GIL. Building
 needs a C++ compiler and ninja (a dependency); it takes 15-60 s the first time, then loads from the extensions folder
@@ -87,6 +88,11 @@ def _runs_forward_fake(q, k, v, acc, lse, tasks, calls, scale, workers, q_bounds
     """Shape-only version for tracing (``torch.compile``): the op only writes into ``acc`` and ``lse``."""
 
 
+def _runs_backward_fake(grad_out, q, k, v, out, lse, dq, dk, dv, tasks, calls, scale, workers, q_bounds=None,
+                        k_coords=None) -> None:
+    """Shape-only version for tracing: the op only adds into ``dq``, ``dk`` and ``dv``."""
+
+
 def extension_error() -> str | None:
     """Why the extension is unavailable (None when it loaded or was not tried yet)."""
     return _STATE.get("error")
@@ -131,6 +137,7 @@ def _build() -> None:
     build_or_load(_SOURCE)
     if not _FAKE_REGISTERED:  # once per process, however often the state is reset
         torch.library.register_fake("vidattn_cpu::runs_forward")(_runs_forward_fake)
+        torch.library.register_fake("vidattn_cpu::runs_backward")(_runs_backward_fake)
         _FAKE_REGISTERED.append(True)
 
 

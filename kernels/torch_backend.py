@@ -13,8 +13,10 @@ GIL). Partial blocks of a window predicate (``predicates.window_tables``) are ma
 its workers with the full rectangles; other partial blocks (token predicate) and per-sample key lengths become an
 additive ``-inf`` mask built in Python on the calls that need one.
 
-Training (grad enabled): the kernel's log-sum-exp output is not differentiable, so each query block gathers its
-keys (``index_select``) and calls SDPA with a boolean mask once; autograd flows through SDPA.
+Training (grad enabled): on CPU in fp32/fp16/bf16 ``cpu_autograd`` runs the same calls forward and their fused flash
+backward per call (exact, five matmuls per rectangle). Elsewhere (other devices, fp64, or a differentiable
+log-sum-exp asked for) each query block gathers its keys (``index_select``) and calls SDPA with a boolean mask once;
+autograd flows through SDPA.
 """
 from __future__ import annotations
 
@@ -106,12 +108,8 @@ def _group_slices(pattern: BlockPattern, b: int, h: int):
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float):
     """Attention of one query chunk on one key run: ``(out, lse)``, lse in fp32 (fp64 for fp64 inputs)."""
-    has_key = None
-    add = None
-    if mask is not None:
-        has_key = mask.any(-1)
-        add = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
-        add = add.expand(q.shape[0], 1, q.shape[2], k.shape[2]) if add.shape[0] == 1 and q.shape[0] > 1 else add
+    has_key = None if mask is None else mask.any(-1)
+    add = _additive_mask(mask, q, k)
     if q.device.type == "cpu":
         out, lse = _CPU_FLASH(q, k, v, attn_mask=add, scale=scale)
     else:
@@ -124,6 +122,15 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         lse = lse.masked_fill(~has_key.expand_as(lse), float("-inf"))
         out = out.masked_fill(~has_key.expand_as(lse)[..., None], 0.0)
     return out, lse.to(_merge_dtype(q.dtype))
+
+
+def _additive_mask(mask: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor) -> Optional[torch.Tensor]:
+    """A boolean keep-mask ``(b|1, 1, q, k)`` as the flash kernels' additive mask (0 / -inf in q's dtype), expanded
+    to q's batch."""
+    if mask is None:
+        return None
+    add = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    return add.expand(q.shape[0], 1, q.shape[2], k.shape[2]) if add.shape[0] == 1 and q.shape[0] > 1 else add
 
 
 def _merge_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -399,6 +406,10 @@ def torch_sparse_attention(
     """Block-sparse attention on ``(B, H, S, D)`` tensors (views welcome); see the module docstring."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        from .cpu_autograd import rect_sparse_attention, usable
+
+        if usable(q, return_lse):
+            return rect_sparse_attention(q, k, v, pattern, scale), None
         return _gather_forward(q, k, v, pattern, scale, return_lse)
     if q.device.type == "cpu" and q.dtype in _EXT_DTYPES and q.numel() and cpu_extension():
         return _ext_forward(q, k, v, pattern, scale, return_lse)

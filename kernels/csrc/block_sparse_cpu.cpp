@@ -1,4 +1,4 @@
-// Block-sparse attention forward on the CPU: lists of dense rectangles (query rows x key run), each computed by
+// Block-sparse attention on the CPU: lists of dense rectangles (query rows x key run), each computed by
 // ATen's fused CPU flash kernel and merged into fp32 accumulators by log-sum-exp:
 //
 //     m = max(L, l),   L' = m + log(e^{L-m} + e^{l-m}),   O' = (O e^{L-m} + o e^{l-m}) / (e^{L-m} + e^{l-m})
@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <exception>
 #include <mutex>
@@ -107,95 +108,107 @@ void merge_rows(at::Tensor& acc, at::Tensor& lse, const at::Tensor& out, const a
   }
 }
 
-// q, k, v: (B, H, S, D) of one floating dtype, last dimension contiguous. acc: fp32 (B, H, Sq, Dv), last dimension
-// contiguous, and lse: fp32 (B, H, Sq), both holding the running result (lse -inf where nothing was merged yet).
-// tasks: int64 (T, 2) ranges of rows of calls; calls: int64 (C, 9), see the enum above; q_bounds int32 (Sq, 6) and
-// k_coords int32 (Skv, 3), needed (and only read) when a call is windowed. Everything is checked here,
-// so bad input raises instead of reading out of bounds. The caller's thread-local state (grad and inference mode,
-// dispatch keys) is carried into the workers.
-void runs_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor acc, at::Tensor lse,
-                  const at::Tensor& tasks, const at::Tensor& calls, double scale, int64_t num_workers,
-                  const std::optional<at::Tensor>& q_bounds, const std::optional<at::Tensor>& k_coords) {
-  TORCH_CHECK(q.device().is_cpu(), "vidattn runs_forward: CPU tensors only");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "vidattn runs_forward: q, k, v must be 4-D");
-  TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu() && acc.device().is_cpu() && lse.device().is_cpu(),
-              "vidattn runs_forward: CPU tensors only");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-              "vidattn runs_forward: q, k, v must share one dtype");
-  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) &&
-                  v.size(1) == q.size(1) && v.size(2) == k.size(2) && k.size(3) == q.size(3),
-              "vidattn runs_forward: k and v must match q's batch and heads, each other's length, q's head dim");
-  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && acc.stride(3) == 1,
-              "vidattn runs_forward: q, k, v and acc need a contiguous last dimension");
-  TORCH_CHECK(acc.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat,
-              "vidattn runs_forward: acc and lse must be float32");
-  TORCH_CHECK(tasks.scalar_type() == at::kLong && calls.scalar_type() == at::kLong,
-              "vidattn runs_forward: tasks and calls must be int64");
-  TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == 2 && calls.dim() == 2 && calls.size(1) == NCOL,
-              "vidattn runs_forward: tasks must be (T, 2) and calls (C, 9)");
-  const at::Tensor t_c = tasks.contiguous();
-  const at::Tensor c_c = calls.contiguous();
-  const int64_t* tp = t_c.const_data_ptr<int64_t>();
-  const int64_t* cp = c_c.const_data_ptr<int64_t>();
-  const int64_t num_tasks = t_c.size(0), num_calls = c_c.size(0);
-  const int64_t nb = q.size(0), nh = q.size(1), sq = q.size(2), skv = k.size(2);
-  TORCH_CHECK(acc.dim() == 4 && acc.size(0) == nb && acc.size(1) == nh && acc.size(2) == sq &&
-                  acc.size(3) == v.size(3) && lse.dim() == 3 && lse.size(0) == nb && lse.size(1) == nh &&
-                  lse.size(2) == sq,
-              "vidattn runs_forward: acc must be (B, H, Sq, Dv) and lse (B, H, Sq) of q and v");
-  for (int64_t t = 0; t < num_tasks; ++t) {
-    TORCH_CHECK(0 <= tp[2 * t] && tp[2 * t] <= tp[2 * t + 1] && tp[2 * t + 1] <= num_calls,
-                "vidattn runs_forward: task ", t, " is not a range of calls");
-  }
-  bool windowed = false;
-  for (int64_t c = 0; c < num_calls; ++c) {
-    const int64_t* r = cp + NCOL * c;
-    TORCH_CHECK(0 <= r[B0] && r[B0] < r[B1] && r[B1] <= nb && 0 <= r[H0] && r[H0] < r[H1] && r[H1] <= nh &&
-                    0 <= r[Q0] && r[Q0] < r[Q1] && r[Q1] <= sq && 0 <= r[K0] && r[K0] < r[K1] && r[K1] <= skv,
-                "vidattn runs_forward: call ", c, " lies outside q, k, v");
-    windowed |= r[WIN] != 0;
-  }
-  at::Tensor qb_c, kc_c;
+// The checked program of one call of either op: task ranges, call rows, and the window tables when a call is
+// windowed. Everything is checked here, so bad input raises instead of reading out of bounds.
+struct Program {
+  at::Tensor tasks, calls, q_bounds, k_coords;  // contiguous; k_coords by column
+  const int64_t* tp = nullptr;
+  const int64_t* cp = nullptr;
   const int32_t* qbp = nullptr;
   const int32_t* kcp = nullptr;
+  int64_t num_tasks = 0, num_calls = 0, skv = 0;
+};
+
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "vidattn ", op,
+              ": CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "vidattn ", op, ": q, k, v must be 4-D");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "vidattn ", op,
+              ": q, k, v must share one dtype");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == q.size(1) &&
+                  v.size(1) == q.size(1) && v.size(2) == k.size(2) && k.size(3) == q.size(3),
+              "vidattn ", op, ": k and v must match q's batch and heads, each other's length, q's head dim");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "vidattn ", op,
+              ": q, k, v need a contiguous last dimension");
+}
+
+// acc-like fp32 (B, H, S, D) tensor ``t`` of the given sizes with a contiguous last dimension.
+void check_f32(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef sizes) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.sizes() == sizes &&
+                  (t.dim() < 4 || t.stride(3) == 1),
+              "vidattn ", op, ": ", name, " must be a float32 CPU tensor of sizes ", sizes,
+              (sizes.size() == 4 ? " with a contiguous last dimension" : ""));
+}
+
+Program load_program(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& tasks,
+                     const at::Tensor& calls, const std::optional<at::Tensor>& q_bounds,
+                     const std::optional<at::Tensor>& k_coords) {
+  TORCH_CHECK(tasks.scalar_type() == at::kLong && calls.scalar_type() == at::kLong, "vidattn ", op,
+              ": tasks and calls must be int64");
+  TORCH_CHECK(tasks.dim() == 2 && tasks.size(1) == 2 && calls.dim() == 2 && calls.size(1) == NCOL, "vidattn ", op,
+              ": tasks must be (T, 2) and calls (C, 9)");
+  Program p;
+  p.tasks = tasks.contiguous();
+  p.calls = calls.contiguous();
+  p.tp = p.tasks.const_data_ptr<int64_t>();
+  p.cp = p.calls.const_data_ptr<int64_t>();
+  p.num_tasks = p.tasks.size(0);
+  p.num_calls = p.calls.size(0);
+  p.skv = k.size(2);
+  const int64_t nb = q.size(0), nh = q.size(1), sq = q.size(2);
+  for (int64_t t = 0; t < p.num_tasks; ++t) {
+    TORCH_CHECK(0 <= p.tp[2 * t] && p.tp[2 * t] <= p.tp[2 * t + 1] && p.tp[2 * t + 1] <= p.num_calls, "vidattn ",
+                op, ": task ", t, " is not a range of calls");
+  }
+  bool windowed = false;
+  for (int64_t c = 0; c < p.num_calls; ++c) {
+    const int64_t* r = p.cp + NCOL * c;
+    TORCH_CHECK(0 <= r[B0] && r[B0] < r[B1] && r[B1] <= nb && 0 <= r[H0] && r[H0] < r[H1] && r[H1] <= nh &&
+                    0 <= r[Q0] && r[Q0] < r[Q1] && r[Q1] <= sq && 0 <= r[K0] && r[K0] < r[K1] && r[K1] <= p.skv,
+                "vidattn ", op, ": call ", c, " lies outside q, k, v");
+    windowed |= r[WIN] != 0;
+  }
   if (windowed) {
-    TORCH_CHECK(q_bounds.has_value() && k_coords.has_value(),
-                "vidattn runs_forward: windowed calls need q_bounds and k_coords");
+    TORCH_CHECK(q_bounds.has_value() && k_coords.has_value(), "vidattn ", op,
+                ": windowed calls need q_bounds and k_coords");
     TORCH_CHECK(q_bounds->scalar_type() == at::kInt && k_coords->scalar_type() == at::kInt &&
                     q_bounds->dim() == 2 && q_bounds->size(0) == sq && q_bounds->size(1) == NBOUND &&
-                    k_coords->dim() == 2 && k_coords->size(0) == skv && k_coords->size(1) == NCOORD,
-                "vidattn runs_forward: q_bounds must be int32 (Sq, 6) and k_coords int32 (Skv, 3)");
-    qb_c = q_bounds->contiguous();
-    kc_c = k_coords->t().contiguous();  // by column: the mask loop reads each coordinate as its own array
-    qbp = qb_c.const_data_ptr<int32_t>();
-    kcp = kc_c.const_data_ptr<int32_t>();
+                    k_coords->dim() == 2 && k_coords->size(0) == p.skv && k_coords->size(1) == NCOORD,
+                "vidattn ", op, ": q_bounds must be int32 (Sq, 6) and k_coords int32 (Skv, 3)");
+    p.q_bounds = q_bounds->contiguous();
+    p.k_coords = k_coords->t().contiguous();  // by column: the mask loop reads each coordinate as its own array
+    p.qbp = p.q_bounds.const_data_ptr<int32_t>();
+    p.kcp = p.k_coords.const_data_ptr<int32_t>();
   }
+  return p;
+}
+
+// The windowed call's mask, expanded to its batch (std::nullopt for a plain call); fills ``row_ok``.
+std::optional<at::Tensor> call_mask(const Program& p, const int64_t* r, at::ScalarType dtype,
+                                    std::vector<char>& row_ok) {
+  if (!r[WIN]) return std::nullopt;
+  const int64_t nq = r[Q1] - r[Q0], nk = r[K1] - r[K0];
+  return window_mask(p.qbp, p.kcp, p.skv, r[Q0], nq, r[K0], nk, dtype, row_ok).expand({r[B1] - r[B0], 1, nq, nk});
+}
+
+at::Tensor rows_of(const at::Tensor& t, const int64_t* r, int64_t s0, int64_t s1) {
+  return t.slice(0, r[B0], r[B1]).slice(1, r[H0], r[H1]).slice(2, r[s0], r[s1]);
+}
+
+// Runs ``work(worker, task)`` for every task on ``num_workers`` threads (this one included) pulling tasks from an
+// atomic counter, with the caller's thread-local state (grad and inference mode, dispatch keys); the first error is
+// re-thrown here after every thread has stopped.
+template <typename Work>
+void run_tasks(int64_t num_tasks, int64_t num_workers, const Work& work) {
   std::atomic<int64_t> next{0};
   const at::ThreadLocalState caller_state;
   const int64_t workers = std::min<int64_t>(std::max<int64_t>(num_workers, 1), std::max<int64_t>(num_tasks, 1));
   std::exception_ptr error;
   std::mutex error_lock;
-  auto work = [&]() {
+  auto loop = [&](int64_t worker) {
     try {
       at::ThreadLocalStateGuard state(caller_state);
-      std::vector<char> row_ok;
-      for (int64_t t = next++; t < num_tasks; t = next++) {
-        for (int64_t c = tp[2 * t]; c < tp[2 * t + 1]; ++c) {
-          const int64_t* r = cp + NCOL * c;
-          const at::Tensor qc = q.slice(0, r[B0], r[B1]).slice(1, r[H0], r[H1]).slice(2, r[Q0], r[Q1]);
-          const at::Tensor kc = k.slice(0, r[B0], r[B1]).slice(1, r[H0], r[H1]).slice(2, r[K0], r[K1]);
-          const at::Tensor vc = v.slice(0, r[B0], r[B1]).slice(1, r[H0], r[H1]).slice(2, r[K0], r[K1]);
-          std::optional<at::Tensor> mask;
-          if (r[WIN]) {
-            const int64_t nq = r[Q1] - r[Q0], nk = r[K1] - r[K0];
-            mask = window_mask(qbp, kcp, skv, r[Q0], nq, r[K0], nk, q.scalar_type(), row_ok)
-                       .expand({r[B1] - r[B0], 1, nq, nk});
-          }
-          auto res = at::_scaled_dot_product_flash_attention_for_cpu(qc, kc, vc, 0.0, false, mask, scale);
-          merge_rows(acc, lse, std::get<0>(res), std::get<1>(res), r[B0], r[H0], r[Q0],
-                     r[WIN] ? row_ok.data() : nullptr);
-        }
-      }
+      for (int64_t t = next++; t < num_tasks; t = next++) work(worker, t);
     } catch (...) {
       std::lock_guard<std::mutex> hold(error_lock);
       if (!error) error = std::current_exception();
@@ -204,13 +217,80 @@ void runs_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   };
   std::vector<std::thread> pool;
   try {
-    for (int64_t w = 1; w < workers; ++w) pool.emplace_back(work);
+    for (int64_t w = 1; w < workers; ++w) pool.emplace_back(loop, w);
   } catch (const std::system_error&) {
     // No thread to spare: the threads already started and this one share the tasks.
   }
-  work();
+  loop(0);
   for (auto& th : pool) th.join();
   if (error) std::rethrow_exception(error);
+}
+
+// q, k, v: (B, H, S, D) of one floating dtype, last dimension contiguous. acc: fp32 (B, H, Sq, Dv), last dimension
+// contiguous, and lse: fp32 (B, H, Sq), both holding the running result (lse -inf where nothing was merged yet).
+// tasks: int64 (T, 2) ranges of rows of calls; calls: int64 (C, 9), see the enum above; q_bounds int32 (Sq, 6) and
+// k_coords int32 (Skv, 3), needed (and only read) when a call is windowed.
+void runs_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor acc, at::Tensor lse,
+                  const at::Tensor& tasks, const at::Tensor& calls, double scale, int64_t num_workers,
+                  const std::optional<at::Tensor>& q_bounds, const std::optional<at::Tensor>& k_coords) {
+  const char* op = "runs_forward";
+  check_qkv(op, q, k, v);
+  check_f32(op, "acc", acc, {q.size(0), q.size(1), q.size(2), v.size(3)});
+  check_f32(op, "lse", lse, {q.size(0), q.size(1), q.size(2)});
+  const Program p = load_program(op, q, k, tasks, calls, q_bounds, k_coords);
+  run_tasks(p.num_tasks, num_workers, [&](int64_t, int64_t t) {
+    std::vector<char> row_ok;
+    for (int64_t c = p.tp[2 * t]; c < p.tp[2 * t + 1]; ++c) {
+      const int64_t* r = p.cp + NCOL * c;
+      const auto mask = call_mask(p, r, q.scalar_type(), row_ok);
+      auto res = at::_scaled_dot_product_flash_attention_for_cpu(rows_of(q, r, Q0, Q1), rows_of(k, r, K0, K1),
+                                                                 rows_of(v, r, K0, K1), 0.0, false, mask, scale);
+      merge_rows(acc, lse, std::get<0>(res), std::get<1>(res), r[B0], r[H0], r[Q0], r[WIN] ? row_ok.data() : nullptr);
+    }
+  });
+}
+
+// The backward of the same program (``vidattn.kernels.cpu_autograd``): each call's fused flash backward fed the
+// global output ``out`` and log-sum-exp ``lse`` rows (+inf where a row attends to nothing) gives exactly that
+// rectangle's terms of dQ, dK, dV, added into fp32 (B, H, S, D) accumulators. Rectangles of different tasks share
+// keys, so each worker adds into its own buffers (worker 0 into dq, dk, dv), summed into them at the end.
+void runs_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, at::Tensor dq, at::Tensor dk, at::Tensor dv,
+                   const at::Tensor& tasks, const at::Tensor& calls, double scale, int64_t num_workers,
+                   const std::optional<at::Tensor>& q_bounds, const std::optional<at::Tensor>& k_coords) {
+  const char* op = "runs_backward";
+  check_qkv(op, q, k, v);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type()
+                  && out.scalar_type() == q.scalar_type() && grad_out.stride(3) == 1 && out.stride(3) == 1,
+              "vidattn ", op, ": grad_out and out must be like q (same sizes and dtype, contiguous last dimension)");
+  check_f32(op, "lse", lse, {q.size(0), q.size(1), q.size(2)});
+  check_f32(op, "dq", dq, q.sizes());
+  check_f32(op, "dk", dk, k.sizes());
+  check_f32(op, "dv", dv, v.sizes());
+  const Program p = load_program(op, q, k, tasks, calls, q_bounds, k_coords);
+  const int64_t workers = std::min<int64_t>(std::max<int64_t>(num_workers, 1), std::max<int64_t>(p.num_tasks, 1));
+  std::vector<std::array<at::Tensor, 3>> grads(workers);
+  grads[0] = {dq, dk, dv};
+  for (int64_t w = 1; w < workers; ++w) grads[w] = {at::zeros_like(dq), at::zeros_like(dk), at::zeros_like(dv)};
+  run_tasks(p.num_tasks, workers, [&](int64_t w, int64_t t) {
+    std::vector<char> row_ok;
+    auto& g = grads[w];
+    for (int64_t c = p.tp[2 * t]; c < p.tp[2 * t + 1]; ++c) {
+      const int64_t* r = p.cp + NCOL * c;
+      const auto mask = call_mask(p, r, q.scalar_type(), row_ok);
+      auto res = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+          rows_of(grad_out, r, Q0, Q1), rows_of(q, r, Q0, Q1), rows_of(k, r, K0, K1), rows_of(v, r, K0, K1),
+          rows_of(out, r, Q0, Q1), rows_of(lse, r, Q0, Q1), 0.0, false, mask, scale);
+      rows_of(g[0], r, Q0, Q1).add_(std::get<0>(res));
+      rows_of(g[1], r, K0, K1).add_(std::get<1>(res));
+      rows_of(g[2], r, K0, K1).add_(std::get<2>(res));
+    }
+  });
+  for (int64_t w = 1; w < workers; ++w) {
+    dq.add_(grads[w][0]);
+    dk.add_(grads[w][1]);
+    dv.add_(grads[w][2]);
+  }
 }
 
 }  // namespace
@@ -218,6 +298,12 @@ void runs_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 TORCH_LIBRARY(vidattn_cpu, m) {
   m.def("runs_forward(Tensor q, Tensor k, Tensor v, Tensor(a!) acc, Tensor(b!) lse, Tensor tasks, Tensor calls, "
         "float scale, int workers, Tensor? q_bounds=None, Tensor? k_coords=None) -> ()");
+  m.def("runs_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor(a!) dq, "
+        "Tensor(b!) dk, Tensor(c!) dv, Tensor tasks, Tensor calls, float scale, int workers, Tensor? q_bounds=None, "
+        "Tensor? k_coords=None) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(vidattn_cpu, CPU, m) { m.impl("runs_forward", &runs_forward); }
+TORCH_LIBRARY_IMPL(vidattn_cpu, CPU, m) {
+  m.impl("runs_forward", &runs_forward);
+  m.impl("runs_backward", &runs_backward);
+}
