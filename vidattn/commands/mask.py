@@ -5,7 +5,6 @@ import argparse
 from typing import Any
 
 MODELS = ("wan", "hunyuan", "cogvideox", "ltx", "mochi")
-MIN_PICTURE = 512
 KNOBS = ("decay", "block_size", "sink_frames", "d1_full", "decimation_threshold")
 
 
@@ -44,18 +43,17 @@ def register(subparsers: Any) -> None:
     mask_window.register(methods)
 
 
-def _write_png(path: Any, image: Any, overwrite: bool = False) -> tuple[int, int]:
-    """Save the ``(nq, nk)`` uint8 picture atomically, each block upscaled to at least ``MIN_PICTURE`` pixels
-    overall; an existing file is kept unless ``overwrite`` (FileExistsError)."""
-    import numpy as np
+def check_picture(png: Any, overwrite: bool) -> Any:
+    """``check_png`` plus matplotlib, which draws the pictures (an optional dependency): a UsageError naming
+    ``--png`` before any work when it is missing."""
+    import importlib.util
 
-    from ..pipelines.video_io import write_png
+    from .. import validation as v
 
-    pixels = image.numpy() if hasattr(image, "numpy") else np.asarray(image)
-    scale = max(1, -(-MIN_PICTURE // max(pixels.shape)))
-    pixels = np.repeat(np.repeat(pixels, scale, axis=0), scale, axis=1)
-    write_png(pixels, path, overwrite=overwrite)
-    return pixels.shape
+    if png is not None and importlib.util.find_spec("matplotlib") is None:
+        raise v.UsageError("--png", "drawing needs matplotlib; install it with pip install 'vidattn[demo]' or "
+                                    "pip install matplotlib")
+    return v.check_png(png, overwrite=overwrite)
 
 
 def geometry_error(err: Any, model: str) -> Any:
@@ -65,15 +63,21 @@ def geometry_error(err: Any, model: str) -> Any:
     return UsageError(f"--{err.param.replace('_', '-')}", f"{err.reason} ({model})")
 
 
-def save_picture(target: Any, image: Any, overwrite: bool) -> tuple[int, int]:
-    """Write the checked ``--png`` target; a file that appeared meanwhile is a UsageError, not a traceback."""
+def save_picture(target: Any, figure: Any, overwrite: bool) -> tuple[int, int]:
+    """Render the matplotlib ``figure`` (:mod:`vidattn.pictures`) and write it atomically to the checked ``--png``
+    target; returns ``(height, width)`` in pixels. A file that appeared meanwhile is a UsageError, not a
+    traceback."""
+    from ..pictures import render
+    from ..pipelines.video_io import write_png
     from ..validation import UsageError
 
+    pixels = render(figure)
     try:
-        return _write_png(target.path, image, overwrite=overwrite)
+        write_png(pixels, target.path, overwrite=overwrite)
     except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
         target.discard()
         raise UsageError("--png", f"{err}") from None
+    return pixels.shape[:2]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                                             f"got {args.sink_frames}")
     v.check_number("--decimation-threshold", args.decimation_threshold, minimum=0)
     sink = geometry.sink_frames if args.sink_frames is None else args.sink_frames
-    target = v.check_png(args.png, overwrite=args.overwrite)
+    target = check_picture(args.png, args.overwrite)
     began = time.perf_counter()
     try:
         pattern = radial_pattern(layout, decay=args.decay, block_size=args.block_size, sink_frames=sink,
@@ -121,6 +125,12 @@ def run(args: argparse.Namespace) -> int:
           f"{stats.video_keys_per_query:.1f})")
     print(f"build time       {elapsed:.3f} s")
     if target is not None:
-        h, w = save_picture(target, pattern.to_image(), args.overwrite)
+        from ..pictures import format_knobs, pattern_figure
+
+        knobs = dict(decay=args.decay, block_size=args.block_size, sink_frames=sink, d1_full=args.d1_full,
+                     decimation_threshold=args.decimation_threshold)
+        title = (f"Radial Attention, {args.model} {args.frames} frames x {args.height} x {args.width} px: density "
+                 f"{stats.total_density:.4f} (video-video {stats.video_density:.4f})\n{format_knobs(knobs)}")
+        h, w = save_picture(target, pattern_figure(layout, pattern, title), args.overwrite)
         print(f"picture          {args.png} ({w} x {h} px)")
     return 0

@@ -29,24 +29,11 @@ def register(methods: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _picture(stats: Any, head: int) -> Any:
-    import torch
-
-    crit = stats.critical[0, head]
-    n = crit.shape[0]
-    img = torch.full(crit.shape, 128, dtype=torch.uint8)  # compensated through O_nc
-    img[crit] = 255
-    if stats.gapr_ok is not None:
-        rejected = ~stats.gapr_ok[0, head] & ~crit[:, :n]
-        img[:, :n][rejected] = 0
-    return img
-
-
 def run(args: argparse.Namespace) -> int:
     """A :class:`~vidattn.validation.UsageError` raised here is printed as one line by ``vidattn.cli.main``."""
     from .. import validation as v
     from ..processors.rectified import RectifiedProcessor
-    from .mask import save_picture
+    from .mask import check_picture, save_picture
 
     try:
         proc = RectifiedProcessor(drop_rate=args.drop_rate, top_p=args.top_p, block_size=args.block_size)
@@ -69,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.head < heads:
         raise v.UsageError("--head", f"must lie in [0, {heads}) (the tiny {args.model} model's heads), got "
                                      f"{args.head}")
-    target = v.check_png(args.png, overwrite=args.overwrite)
+    target = check_picture(args.png, args.overwrite)
     try:
         inputs = tiny_transformer_inputs(args.model, frames=args.latent_frames, height=args.latent_height,
                                          width=args.latent_width, seed=args.seed)
@@ -96,6 +83,13 @@ def run(args: argparse.Namespace) -> int:
             line += f", GAPR-trusted {stats.gapr_ok[0, h].float().mean():.3f}"
         print(line)
     if target is not None:
-        h, w = save_picture(target, _picture(stats, args.head), args.overwrite)
+        from ..pictures import format_knobs, selection_figure
+
+        knobs = format_knobs(dict(drop_rate=args.drop_rate, top_p=args.top_p, block_size=args.block_size))
+        crit = stats.critical[0, args.head].float().mean()
+        title = (f"Rectified SpaAttn, tiny {args.model}, first sparse layer, head {args.head}: critical blocks "
+                 f"{crit:.3f}\n{knobs}")
+        figure = selection_figure(layout, stats, args.head, args.block_size, title)
+        h, w = save_picture(target, figure, args.overwrite)
         print(f"picture     {args.png} ({w} x {h} px)")
     return 0

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..patterns.radial import MODEL_GEOMETRY, GeometryError
     from ..patterns.window import window_bounds, window_pattern, window_token_density
     from ..token_order import parse_tiles
-    from .mask import geometry_error, save_picture
+    from .mask import check_picture, geometry_error, save_picture
 
     geometry = MODEL_GEOMETRY[args.model]
     try:
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     if args.block_size < 1:
         raise v.UsageError("--block-size", f"must be a positive integer, got {args.block_size}")
     knobs = dict(base_rows=base_rows, base_cols=base_cols, inward=args.inward, temporal=args.temporal)
-    target = v.check_png(args.png, overwrite=args.overwrite)
+    target = check_picture(args.png, args.overwrite)
 
     def build(order: str):
         began = time.perf_counter()
@@ -107,6 +107,14 @@ def run(args: argparse.Namespace) -> int:
     if tiled is not None:
         describe(f"tiles {tiles[0]}x{tiles[1]}", *tiled)
     if target is not None:
-        ph, pw = save_picture(target, (tiled[0] if tiled is not None else raster).to_image(), args.overwrite)
+        from ..pictures import format_knobs, pattern_figure
+
+        pattern = tiled[0] if tiled is not None else raster
+        order = f"tiles {tiles[0]}x{tiles[1]}" if tiled is not None else "raster"
+        shown_knobs = format_knobs(dict(knobs, block_size=args.block_size))
+        title = (f"FreeSwim window, {args.model} {args.frames} frames x {args.height} x {args.width} px ({order} "
+                 f"order): block density {pattern.density():.4f}\n{shown_knobs}")
+        ordered = replace(layout, order=f"tiles{tiles[0]}x{tiles[1]}") if tiled is not None else layout
+        ph, pw = save_picture(target, pattern_figure(ordered, pattern, title), args.overwrite)
         print(f"picture          {args.png} ({pw} x {ph} px; white full, grey partial, black skipped)")
     return 0
