@@ -40,7 +40,8 @@ class StepHook:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         adapter, ctx = self.adapter, self.context
         exporting = torch.compiler.is_exporting()  # tensors are fake: no step to read, the program is one call
-        ctx.observe(None if exporting else adapter.timestep(args, kwargs), adapter.grid(module, args, kwargs))
+        ctx.observe(None if exporting else adapter.timestep(args, kwargs), adapter.grid(module, args, kwargs),
+                    training=module.training and torch.is_grad_enabled())
         layout = adapter.call_layout(module, args, kwargs)
         if layout is not None and self.order != layout.order:
             layout = dataclasses.replace(layout, order=self.order)
@@ -118,8 +119,15 @@ class _TransformerChanges:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    """The model under ``torch.compile`` (``OptimizedModule._orig_mod``), whose modules carry the processors."""
-    return getattr(model, "_orig_mod", model)
+    """The model under ``torch.compile`` (``OptimizedModule._orig_mod``) and DDP / ``DataParallel`` (``.module``)
+    wrappers, in any nesting: its modules carry the processors."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def _transformers(target: Any) -> list[nn.Module]:

@@ -73,6 +73,9 @@ class StepContext:
     step_reason: Optional[str] = None
     #: the pass the pipeline declared for the calls in progress (:meth:`passing`); the default pass otherwise
     current: PassContext = field(default_factory=PassContext)
+    #: the call in progress is a training pass (``passing(training=True)``, or a module in train mode with
+    #: gradients): per-sample random timesteps, no denoising step (``step`` -1), so the step knobs do not apply
+    training: bool = False
     calls: int = 0
     generations: int = 0
     _last: Optional[float] = field(default=None, repr=False)
@@ -105,10 +108,17 @@ class StepContext:
         except TypeError:
             return None
 
-    def observe(self, timestep: Optional[torch.Tensor | float], grid: Optional[tuple[int, int, int]]) -> None:
-        """Record one transformer call."""
+    def observe(self, timestep: Optional[torch.Tensor | float], grid: Optional[tuple[int, int, int]],
+                training: bool = False) -> None:
+        """Record one transformer call. A training call (``training`` or the declared pass says so) has no step:
+        ``step`` is -1 and the next inference call starts a new generation."""
         self.calls += 1
         self.grid = grid
+        self.training = training or self.current.training
+        if self.training:
+            self.step, self.branch, self.timestep = -1, 0, None
+            self._last = self._last_index = None
+            return
         if timestep is None:
             return
         t = float(timestep.float().max()) if isinstance(timestep, torch.Tensor) else float(timestep)

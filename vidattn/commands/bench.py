@@ -57,9 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--warmup", type=int, default=1, help="untimed runs per backend (compilation happens here)")
     a.add_argument("--append", default=None, metavar="FILE", help="append the table to this markdown file")
     a.set_defaults(func=run_attention)
-    from . import bench_freeswim  # stdlib imports only: --help stays fast
+    from . import bench_freeswim, bench_train  # stdlib imports only: --help stays fast
 
     bench_freeswim.register(what)
+    bench_train.register(what)
 
 
 def _geometries() -> list[str]:

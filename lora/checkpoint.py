@@ -1,0 +1,114 @@
+"""Resumable checkpoints, ``<output-dir>/checkpoint-N`` (the diffusers training scripts' layout): the LoRA
+weights, the optimizer and LR-scheduler states, each process's RNG states, the data position and the settings.
+
+Written by the main process into ``checkpoint-N.tmp`` and renamed when complete (RNG files by each process
+first), so an interrupted save never looks like a checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+__all__ = ["checkpoint_dir", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "prune_checkpoints",
+           "RESUME_KEYS"]
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE = "state.json"
+# settings a resumed run must share with the checkpoint (others, e.g. --max-steps, may change)
+RESUME_KEYS = ("model", "frames", "height", "width", "frame_stride", "method", "decay", "block_size",
+               "dense_layers", "rank", "lora_alpha", "lora_targets", "train_batch_size", "gradient_accumulation_steps",
+               "seed", "weighting_scheme", "max_sequence_length")
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / f"checkpoint-{step}"
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator: Any, output_dir: Path, step: int, position: int, lora_state: dict,
+                    optimizer: Any, scheduler: Any, settings: dict) -> Path:
+    """Save a checkpoint at optimizer step ``step`` (every process calls it); returns its folder."""
+    from safetensors.torch import save_file
+
+    final = checkpoint_dir(output_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_file({k: v.detach().float().cpu().contiguous() for k, v in lora_state.items()}, str(tmp / "lora.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / STATE).write_text(json.dumps({"step": step, "position": position, "settings": settings}, indent=1))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def read_state(folder: Path) -> dict:
+    """The ``state.json`` of a checkpoint (ValueError when it is not one)."""
+    try:
+        return json.loads((folder / STATE).read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"{folder} is not a checkpoint folder (no readable {STATE})") from None
+
+
+def load_checkpoint(folder: Path, process_index: int, optimizer: Any, scheduler: Any) -> dict:
+    """Restore the optimizer, the scheduler and this process's RNG from ``folder``; returns ``{"step",
+    "position", "settings", "lora": state dict}`` (the caller loads the LoRA weights into its model)."""
+    from safetensors.torch import load_file
+
+    state = read_state(folder)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
+    rng = folder / f"rng_state_{process_index}.pt"
+    if rng.is_file():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    state["lora"] = load_file(str(folder / "lora.safetensors"))
+    return state
+
+
+def _steps(output_dir: Path) -> list[tuple[int, Path]]:
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    found = _steps(output_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(output_dir: Path, keep: Optional[int]) -> None:
+    """Remove all but the newest ``keep`` checkpoints (None: keep all)."""
+    if keep is None:
+        return
+    for _, path in _steps(output_dir)[:-keep] if keep > 0 else _steps(output_dir):
+        shutil.rmtree(path, ignore_errors=True)
