@@ -17,9 +17,10 @@ import torch
 
 import vidattn
 from vidattn.processors import SparseAttentionProcessor
+from vidattn.validation import OFFLOAD_MODES
 
-__all__ = ["GenerationRequest", "OutputWriteError", "load_pipeline", "generate_video", "versions", "device_name",
-           "peak_memory"]
+__all__ = ["GenerationRequest", "LoadedPipeline", "OutputWriteError", "RenderedVideo", "describe_run", "device_name",
+           "generate_video", "load_lora", "load_pipeline", "open_pipeline", "peak_memory", "render", "versions"]
 
 TINY_MODELS = {"tiny": "toy", "tiny-bench": "bench"}
 _CALL_SETTINGS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale")
@@ -28,7 +29,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 @dataclass
 class GenerationRequest:
-    """What to generate; ``None`` fields take the model's defaults."""
+    """What to generate; ``None`` fields take the model's defaults. ``lora`` / ``lora_scale``: an adapter loaded with
+    ``load_lora_weights``; ``offload``: ``model`` or ``sequential`` CPU offload; ``vae_tiling``: tiled decoding."""
 
     prompt: str
     negative_prompt: str = ""
@@ -42,6 +44,10 @@ class GenerationRequest:
     fps: int = 16
     device: Optional[str] = None
     dtype: Optional[str] = None
+    lora: Optional[str] = None
+    lora_scale: float = 1.0
+    offload: Optional[str] = None
+    vae_tiling: bool = False
 
 
 def versions() -> dict:
@@ -52,10 +58,29 @@ def versions() -> dict:
             "transformers": transformers.__version__, "python": platform.python_version()}
 
 
-def load_pipeline(model: str, device: str, dtype: torch.dtype, pipeline_cls: Any = None):
+LORA_ADAPTER = "vidattn_lora"
+
+
+def _place(pipe, device: str, offload: Optional[str]):
+    """``pipe`` on ``device``, or with diffusers' CPU offload (``model``: whole components moved to the GPU in
+    turn; ``sequential``: submodule by submodule, slowest and leanest)."""
+    if offload is None:
+        return pipe.to(device)
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"--offload must be one of {', '.join(OFFLOAD_MODES)}, got {offload!r}")
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.enable_sequential_cpu_offload(device=device)
+    return pipe
+
+
+def load_pipeline(model: str, device: str, dtype: torch.dtype, pipeline_cls: Any = None,
+                  offload: Optional[str] = None):
     """The built-in tiny pipeline (offline) or ``from_pretrained`` for a hub id / local diffusers folder;
     ``pipeline_cls`` (e.g. ``FreeSwimPipeline``) loads that class instead of the checkpoint's own. ``dtype`` is
-    honoured on every device (the tiny model's VAE stays float32, as Wan is usually run).
+    honoured on every device (the tiny model's VAE stays float32, as Wan is usually run); ``offload`` (``model``
+    or ``sequential``) keeps the weights on the CPU and moves them to ``device`` as they are needed.
 
     Returns ``(pipe, defaults)`` with the model's default call settings.
     """
@@ -64,14 +89,25 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype, pipeline_cls: Any
 
         preset = TINY_MODELS[model]
         pipe = tiny_wan_pipeline(preset, seed=0, dtype=dtype, pipeline_cls=pipeline_cls)
-        return pipe.to(device), dict(TINY_PRESETS[preset])
+        return _place(pipe, device, offload), dict(TINY_PRESETS[preset])
     if pipeline_cls is not None:
         pipe = pipeline_cls.from_pretrained(model, torch_dtype=dtype)
-        return pipe.to(device), call_defaults(pipe)
+        return _place(pipe, device, offload), call_defaults(pipe)
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
-    return pipe.to(device), call_defaults(pipe)
+    return _place(pipe, device, offload), call_defaults(pipe)
+
+
+def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0) -> None:
+    """Load a LoRA adapter saved with the pipeline's ``save_lora_weights`` (a folder holding one weights file, or
+    the ``.safetensors`` / ``.bin`` file itself) through ``pipe.load_lora_weights``, active at ``scale``."""
+    path = Path(path)
+    if path.is_file():
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=LORA_ADAPTER)
+    else:
+        pipe.load_lora_weights(str(path), adapter_name=LORA_ADAPTER)
+    pipe.set_adapters([LORA_ADAPTER], adapter_weights=[scale])
 
 
 def freeswim_pipeline_class(model: str, class_name: Optional[str] = None) -> tuple[Any, int, tuple[int, int]]:
@@ -237,48 +273,72 @@ def _resolved_knobs(processor: SparseAttentionProcessor, family: Optional[str], 
     return resolved
 
 
-def generate_video(request: GenerationRequest, processor: SparseAttentionProcessor, out: Path, *,
-                   overwrite: bool = False, method: Optional[dict] = None, freeswim: Optional[dict] = None,
-                   command: Optional[Sequence[str]] = None, model_spec: Any = None,
-                   warnings: Sequence[str] = ()) -> dict:
-    """Generate one video and write ``out`` (mp4) and ``out.with_suffix('.json')``; returns the sidecar dict.
+@dataclass
+class LoadedPipeline:
+    """A pipeline ready to render: ``pipe``, its call ``defaults``, ``factors`` (frames step, pixel multiple), the
+    ``device`` it runs on and the seconds loading took."""
 
-    ``freeswim``: FreeSwimPipeline's own options (base size, mode, cache_steps, strength); the video is generated
-    at the base size, upsampled and refined with ``processor`` (a ``FreeSwimProcessor``) at the requested size.
-    ``command`` (the argument vector), ``model_spec`` (``vidattn.validation.ModelSpec``) and ``warnings`` go into
-    the sidecar, which also records the time, the device and its name, the backends that ran, the CPU extension,
-    the resolved knobs, the peak memory and the model's source and revision. Attention time is measured on CPU
-    only (``timings.attention_s`` is null elsewhere, with a note).
-    """
-    from .video_io import write_sidecar, write_video
+    pipe: Any
+    defaults: dict
+    factors: tuple[int, int]
+    device: str
+    load_s: float
 
-    out = Path(out)
-    started = datetime.datetime.now(datetime.timezone.utc)
+
+@dataclass
+class RenderedVideo:
+    """One generated video: its frames (``(F, H, W, 3)`` floats in [0, 1]), the resolved settings, the attention
+    statistics, the kernel backends that ran and the seconds the pipeline call took."""
+
+    frames: Any
+    settings: dict
+    stats: dict
+    ran: Optional[Counter]
+    generate_s: float
+
+
+def _device_dtype(request: GenerationRequest) -> tuple[str, torch.dtype]:
     device = request.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = torch.device(device).type == "cuda"
-    dtype = _DTYPES[request.dtype] if request.dtype else (torch.bfloat16 if on_cuda else torch.float32)
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(torch.device(device))
+    return device, _DTYPES[request.dtype] if request.dtype else (torch.bfloat16 if on_cuda else torch.float32)
+
+
+def open_pipeline(request: GenerationRequest, *, freeswim: bool = False, model_spec: Any = None) -> LoadedPipeline:
+    """Load ``request.model`` on its device and dtype (``FreeSwimPipeline`` / ``FreeSwimLTXPipeline`` when
+    ``freeswim``), with the request's offload, VAE tiling and LoRA adapter."""
+    device, dtype = _device_dtype(request)
     t0 = time.perf_counter()
     pipeline_cls = None
-    if freeswim is not None:
+    if freeswim:
         pipeline_cls = freeswim_pipeline_class(request.model, getattr(model_spec, "class_name", None))[0]
-    pipe, defaults = load_pipeline(request.model, device, dtype, pipeline_cls)
-    load_s = time.perf_counter() - t0
+    pipe, defaults = load_pipeline(request.model, device, dtype, pipeline_cls, offload=request.offload)
+    if request.vae_tiling:
+        pipe.vae.enable_tiling()
+    if request.lora is not None:
+        load_lora(pipe, request.lora, request.lora_scale)
+    return LoadedPipeline(pipe, defaults, _pipeline_factors(pipe), device, time.perf_counter() - t0)
+
+
+def _settings(request: GenerationRequest, defaults: dict) -> dict:
     def pick(value, key):
         if value is None and defaults.get(key) is None:
             raise ValueError(f"--model {request.model} has no default for {key}; pass it explicitly")
         return defaults[key] if value is None else value
 
-    settings = {
-        "frames": pick(request.frames, "num_frames"),
-        "height": pick(request.height, "height"),
-        "width": pick(request.width, "width"),
-        "steps": pick(request.steps, "num_inference_steps"),
-        "guidance": pick(request.guidance, "guidance_scale"),
-    }
-    factors = _pipeline_factors(pipe)
-    check_geometry(settings["frames"], settings["height"], settings["width"], *factors)
+    return {"frames": pick(request.frames, "num_frames"), "height": pick(request.height, "height"),
+            "width": pick(request.width, "width"), "steps": pick(request.steps, "num_inference_steps"),
+            "guidance": pick(request.guidance, "guidance_scale")}
+
+
+def render(loaded: LoadedPipeline, request: GenerationRequest, processor: SparseAttentionProcessor,
+           freeswim: Optional[dict] = None) -> RenderedVideo:
+    """Generate one video with ``processor`` installed for the call (and removed afterwards); ValueError naming
+    the option when the pipeline cannot take the request's size."""
+    pipe = loaded.pipe
+    settings = _settings(request, loaded.defaults)
+    check_geometry(settings["frames"], settings["height"], settings["width"], *loaded.factors)
+    if torch.device(loaded.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch.device(loaded.device))
     generator = torch.Generator(device="cpu").manual_seed(request.seed)
     call = dict(prompt=request.prompt, negative_prompt=request.negative_prompt or None,
                 num_frames=settings["frames"], height=settings["height"], width=settings["width"],
@@ -296,20 +356,20 @@ def generate_video(request: GenerationRequest, processor: SparseAttentionProcess
             finally:
                 vidattn.remove(pipe)
     generate_s = time.perf_counter() - t1
-    frames = result.frames[0]
-    t2 = time.perf_counter()
-    rescue: Optional[Path] = None
-    try:
-        video = write_video(frames, out, fps=request.fps, overwrite=overwrite)
-    except OSError as err:  # the location changed during the run: keep the computed video anyway
-        rescue = Path(tempfile.mkdtemp(prefix="vidattn-rescue-")) / out.name
-        video = write_video(frames, rescue, fps=request.fps)
-        write_error = err
-    stats = processor.stats.summary()
+    return RenderedVideo(result.frames[0], settings, processor.stats.summary(), ran, generate_s)
+
+
+def describe_run(loaded: LoadedPipeline, request: GenerationRequest, processor: SparseAttentionProcessor,
+                 rendered: RenderedVideo, *, video: Path, sidecar: Path, started: datetime.datetime,
+                 method: Optional[dict] = None, command: Optional[Sequence[str]] = None, model_spec: Any = None,
+                 warnings: Sequence[str] = ()) -> dict:
+    """The JSON sidecar of one rendered video: command line, time, request, settings, model, method and resolved
+    knobs, backends, CPU extension, attention statistics, timings, peak memory, warnings and versions."""
+    device, stats, settings = loaded.device, rendered.stats, rendered.settings
     on_cpu = torch.device(device).type == "cpu"
     family = getattr(model_spec, "family", None) or ("wan" if request.model in TINY_MODELS else None)
     timings: dict[str, Any] = {
-        "load_s": round(load_s, 3), "generate_s": round(generate_s, 3),
+        "load_s": round(loaded.load_s, 3), "generate_s": round(rendered.generate_s, 3),
         "attention_s": round(stats["sparse_seconds"] + stats["dense_seconds"], 3) if on_cpu else None,
     }
     if not on_cpu:
@@ -318,19 +378,19 @@ def generate_video(request: GenerationRequest, processor: SparseAttentionProcess
     model_info = model_spec.describe() if model_spec is not None and hasattr(model_spec, "describe") else {
         "name": request.model, "kind": "tiny" if request.model in TINY_MODELS else "path or hub id",
         "source": request.model, "revision": None}
-    requested_backend = getattr(processor, "backend", None)
-    sidecar: dict[str, Any] = {
+    ran = rendered.ran
+    return {
         "video": str(video),
-        "sidecar": str(out.with_suffix(".json")),
+        "sidecar": str(sidecar),
         "command": shlex.join(["vidattn", *command]) if command is not None else None,
         "timestamp": started.isoformat(timespec="seconds"),
         "request": asdict(request),
         "settings": {**settings, "device": device, "device_name": device_name(device),
-                     "dtype": str(pipe.transformer.dtype).replace("torch.", "")},
-        "model": {**model_info, "loaded_class": type(pipe).__name__},
+                     "dtype": str(loaded.pipe.transformer.dtype).replace("torch.", "")},
+        "model": {**model_info, "loaded_class": type(loaded.pipe).__name__},
         "method": {**(method or {}), **processor.knobs(),
-                   "resolved": _resolved_knobs(processor, family, settings["frames"], factors[0])},
-        "backend": {"requested": requested_backend,
+                   "resolved": _resolved_knobs(processor, family, settings["frames"], loaded.factors[0])},
+        "backend": {"requested": getattr(processor, "backend", None),
                     "ran": dict(ran) if ran is not None else None,
                     "note": None if ran else ("no sparse kernel ran (every attention call was dense)" if ran is not None
                                               else "not recorded")},
@@ -341,6 +401,37 @@ def generate_video(request: GenerationRequest, processor: SparseAttentionProcess
         "warnings": list(warnings),
         "versions": versions(),
     }
+
+
+def generate_video(request: GenerationRequest, processor: SparseAttentionProcessor, out: Path, *,
+                   overwrite: bool = False, method: Optional[dict] = None, freeswim: Optional[dict] = None,
+                   command: Optional[Sequence[str]] = None, model_spec: Any = None,
+                   warnings: Sequence[str] = ()) -> dict:
+    """Generate one video and write ``out`` (mp4) and ``out.with_suffix('.json')``; returns the sidecar dict.
+
+    ``freeswim``: FreeSwimPipeline's own options (base size, mode, cache_steps, strength); the video is generated
+    at the base size, upsampled and refined with ``processor`` (a ``FreeSwimProcessor``) at the requested size.
+    ``command`` (the argument vector), ``model_spec`` (``vidattn.validation.ModelSpec``) and ``warnings`` go into
+    the sidecar (see :func:`describe_run`). Attention time is measured on CPU only (``timings.attention_s`` is
+    null elsewhere, with a note).
+    """
+    from .video_io import write_sidecar, write_video
+
+    out = Path(out)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    loaded = open_pipeline(request, freeswim=freeswim is not None, model_spec=model_spec)
+    rendered = render(loaded, request, processor, freeswim)
+    t2 = time.perf_counter()
+    rescue: Optional[Path] = None
+    try:
+        video = write_video(rendered.frames, out, fps=request.fps, overwrite=overwrite)
+    except OSError as err:  # the location changed during the run: keep the computed video anyway
+        rescue = Path(tempfile.mkdtemp(prefix="vidattn-rescue-")) / out.name
+        video = write_video(rendered.frames, rescue, fps=request.fps)
+        write_error = err
+    sidecar = describe_run(loaded, request, processor, rendered, video=video, sidecar=out.with_suffix(".json"),
+                           started=started, method=method, command=command, model_spec=model_spec,
+                           warnings=warnings)
     sidecar["timings"]["write_s"] = round(time.perf_counter() - t2, 3)
     if rescue is not None:
         sidecar["sidecar"] = str(rescue.with_suffix(".json"))

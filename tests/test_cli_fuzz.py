@@ -316,6 +316,14 @@ def fake_generation(monkeypatch):
                 "attention": {"sparse_calls": 0, "dense_calls": 0, "computed_fraction": None}}
 
     monkeypatch.setattr(gen, "generate_video", fake)
+
+    def fake_batch(job, info, *, resume=False):  # a repeated --prompt is a batch (issue 11): checked, not rendered
+        loads.append(job)
+        return []
+
+    from vidattn.pipelines import batch
+
+    monkeypatch.setattr(batch, "run_batch", fake_batch)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton on CPU is refused, as on a user's machine
     return loads
 

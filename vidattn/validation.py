@@ -6,8 +6,9 @@ bad arguments), before a model is loaded or a picture is computed. The checks ar
 
 * :func:`check_output_file` (and :func:`check_png`): the file can be written without replacing anything (unless
   ``--overwrite``): not a folder, no file in place of a parent folder, parents created and a temporary file probed;
-* :func:`check_device`, :func:`check_backend`, :func:`check_dtype`: the device exists in this torch build, the
-  kernel backend runs on it (``vidattn.kernels.available_backends``);
+  :func:`check_output_dir` the same for a batch's folder; :func:`check_lora` a LoRA adapter file or folder;
+* :func:`check_device`, :func:`check_backend`, :func:`check_dtype`, :func:`check_offload`: the device exists in
+  this torch build, the kernel backend runs on it (``vidattn.kernels.available_backends``), offload needs CUDA;
 * :func:`check_model`: a built-in tiny model, a local diffusers folder or a hub id, read from its
   ``model_index.json`` and component configs without loading weights (:class:`ModelSpec`: pipeline class, call
   defaults, video geometry, layer count, revision);
@@ -32,6 +33,7 @@ __all__ = [
     "EXIT_USAGE",
     "KNOB_OPTIONS",
     "ModelSpec",
+    "OFFLOAD_MODES",
     "OutputTarget",
     "UsageError",
     "available_devices",
@@ -40,9 +42,12 @@ __all__ = [
     "check_device",
     "check_dtype",
     "check_geometry",
+    "check_lora",
     "check_method_options",
     "check_model",
     "check_number",
+    "check_offload",
+    "check_output_dir",
     "check_output_file",
     "check_png",
     "check_preset",
@@ -263,6 +268,62 @@ def check_png(value: Any, option: str = "--png", *, overwrite: bool = False) -> 
     return check_output_file(value, option, suffix=".png", overwrite=overwrite)
 
 
+def check_output_dir(value: Any, option: str = "--out") -> OutputTarget:
+    """A folder the command can write in: not a file, no file in place of a parent, writable (a temporary file is
+    created and removed). Missing folders are created; :meth:`OutputTarget.discard` removes them again."""
+    text = "" if value is None else str(value)
+    if not text.strip() or "\x00" in text:
+        raise UsageError(option, f"needs a folder name, got {text!r}")
+    path = Path(text).expanduser()
+    try:
+        if os.path.lexists(path) and not path.is_dir():
+            raise UsageError(option, f"{shown(text)} is a file, not a folder")
+        ancestor = _existing_ancestor(path / "x")
+        if not ancestor.is_dir():
+            raise UsageError(option, f"{shown(ancestor)} is a file, not a folder, so {shown(text)} cannot be created")
+        target = OutputTarget(path)
+        for folder in [p for p in (*reversed(path.parents), path) if not os.path.lexists(p)]:
+            try:
+                folder.mkdir()
+            except OSError as err:
+                target.discard()
+                raise UsageError(option, f"cannot create the folder {shown(folder)} ({err.strerror or err})") from None
+            target.created.insert(0, folder)
+        try:
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".vidattn-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            target.discard()
+            raise UsageError(option, f"cannot write in {shown(text)} ({err.strerror or err})") from None
+        return target
+    except OSError as err:
+        raise UsageError(option, f"cannot use {shown(text)} ({err.strerror or err})") from None
+
+
+LORA_SUFFIXES = (".safetensors", ".bin")
+
+
+def check_lora(value: Any, option: str = "--lora") -> Path:
+    """A LoRA adapter as ``save_lora_weights`` writes it: a ``.safetensors`` / ``.bin`` file, or a folder holding
+    one; and peft installed (``load_lora_weights`` needs it)."""
+    import importlib.util
+
+    path = Path(str(value)).expanduser()
+    try:
+        if not path.exists():
+            raise UsageError(option, f"there is no file or folder {shown(value)}")
+        if path.is_dir() and not any(p.suffix in LORA_SUFFIXES for p in path.iterdir()):
+            raise UsageError(option, f"the folder {shown(value)} holds no .safetensors or .bin weights")
+    except (OSError, ValueError) as err:  # unreadable folder, NUL in the name, ...
+        raise UsageError(option, f"cannot use {shown(value)} ({getattr(err, 'strerror', None) or err})") from None
+    if path.is_file() and path.suffix not in LORA_SUFFIXES:
+        raise UsageError(option, f"{shown(value)} must be a .safetensors or .bin file, or a folder holding one")
+    if importlib.util.find_spec("peft") is None:
+        raise UsageError(option, "loading a LoRA adapter needs peft (pip install peft)")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------- device
 def available_devices() -> list[str]:
     """Devices this torch build can run on here: ``cpu``, ``cuda`` / ``cuda:N``, ``mps``, ``xpu``."""
@@ -314,6 +375,19 @@ def check_dtype(value: Optional[str], device: str, option: str = "--dtype") -> s
     if value is None:
         return "bfloat16" if device.startswith("cuda") else "float32"
     return check_choice(option, value, ("float32", "float16", "bfloat16"))
+
+
+OFFLOAD_MODES = ("model", "sequential")
+
+
+def check_offload(value: Optional[str], device: str, option: str = "--offload") -> Optional[str]:
+    """CPU offload (``model`` / ``sequential``, None passes) moves weights to a CUDA device as they are needed."""
+    if value is None:
+        return None
+    check_choice(option, value, OFFLOAD_MODES)
+    if not device.startswith("cuda"):
+        raise UsageError(option, f"{value} offload moves weights to a CUDA device; --device is {device}")
+    return value
 
 
 def check_backend(value: Optional[str], device: str, option: str = "--backend") -> Optional[str]:
