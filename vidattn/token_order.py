@@ -10,7 +10,9 @@ output (or a forward argument that carries them), per-token forward arguments (W
 hidden states at the first block's input; the inverse is applied at the output projection's output. Every other op
 between those points is token-wise (norms, FFN, adaLN, cross-attention queries) or attention, whose processors
 read the order from the :class:`~vidattn.layout.TokenLayout`. Nothing patches ``forward``; the hooks are removed by
-:func:`vidattn.remove`.
+:func:`vidattn.remove`. Under diffusers' context parallelism the permutation is applied **before** the sequence is
+split (torch pre-hooks run ahead of diffusers' split hooks; the rope output is handled in :meth:`OrderHooks.on_rope`),
+so each rank holds a contiguous shard of the permuted sequence (:mod:`vidattn.parallel`).
 """
 from __future__ import annotations
 
@@ -132,6 +134,7 @@ class OrderHooks:
         self.handles: list[tuple[str, str, int]] = []  # (module path, hook kind, id)
         self.forward_params: list[str] = []  # the transformer's forward parameters (arguments passed by position)
         self._device_cache: dict = {}
+        self._cp: Any = None  # diffusers' context-parallel config of the forward in progress (None: not split)
 
     # ------------------------------------------------------------------ the permutation of the call in progress
     def _perm(self, device: torch.device, inverse: bool = False) -> Optional[torch.Tensor]:
@@ -163,6 +166,7 @@ class OrderHooks:
     def on_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Transformer pre-hook (after the step hook): per-token arguments and rotary tables passed in, by keyword or
         by position."""
+        self._cp = getattr(getattr(module, "_parallel_config", None), "context_parallel_config", None)
         args = list(args)
         for i, name in enumerate(self.forward_params[:len(args)]):
             if name in self.points.token_kwargs:
@@ -179,7 +183,24 @@ class OrderHooks:
         return args, kwargs
 
     def on_rope(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        return self._move_tables(output, self.points.rope_dim)
+        """The rotary tables in the call's order. Under diffusers' context parallelism the model's ``_cp_plan`` may
+        split the rope output in a hook that wraps the module's ``forward``, so it runs before this one and the
+        tables arrive as this rank's raster shard: they are then recomputed whole (the class's own ``forward``,
+        cheap), permuted and cut like diffusers' equal split, so the split follows the permuted order as it does
+        for the hidden states (permuted by :meth:`on_first_block` before diffusers' split of the same input)."""
+        dim, cp = self.points.rope_dim, getattr(self, "_cp", None)
+        first = output[0] if isinstance(output, (tuple, list)) else output
+        if cp is not None and isinstance(first, torch.Tensor) and first.dim() > dim:
+            perm = self._perm(first.device)
+            mesh = cp._flattened_mesh
+            if perm is not None and first.shape[dim] * mesh.size() == perm.numel():
+                import torch.distributed as dist
+
+                full = self._move_tables(type(module).forward(module, *args), dim)
+                rank = dist.get_rank(mesh.get_group())
+                pick = lambda t: t.chunk(mesh.size(), dim)[rank]  # noqa: E731  diffusers' EquipartitionSharder
+                return type(full)(map(pick, full)) if isinstance(full, (tuple, list)) else pick(full)
+        return self._move_tables(output, dim)
 
     def on_first_block(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if "hidden_states" in kwargs:
@@ -223,4 +244,4 @@ class OrderHooks:
         self.handles.clear()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_device_cache": {}}
+        return {**self.__dict__, "_device_cache": {}, "_cp": None}

@@ -7,10 +7,15 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate one video with sparse attention",
-                       description="Generate a video with a diffusers pipeline and a vidattn attention method. "
-                                   "Writes an mp4 and a JSON sidecar (settings, versions, timings, attention stats).")
-    p.add_argument("--prompt", default="a red fox running through fresh snow, cinematic", help="text prompt")
+    p = sub.add_parser("generate", help="generate videos with sparse attention (one, or a batch from a prompt file)",
+                       description="Generate videos with a diffusers pipeline and a vidattn attention method. One "
+                                   "video: an mp4 and a JSON sidecar (settings, versions, timings, attention stats). "
+                                   "A batch (--prompts FILE, several --prompt, --num-videos-per-prompt, --compare or "
+                                   "--resume): a folder with one mp4 + sidecar per item, manifest.jsonl, report.md "
+                                   "and contact_sheet.png; resumable, and sharded across processes when started by "
+                                   "torchrun or accelerate launch.")
+    p.add_argument("--prompt", action="append", default=None,
+                   help=f"text prompt; repeat it for a batch (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--negative-prompt", default="", help="negative prompt (used when guidance > 1)")
     p.add_argument("--method", default="dense",
                    help="attention method: dense, full, radial, rectified, freeswim (default: dense; freeswim "
@@ -52,18 +57,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--width", type=int, default=None, help="width in pixels (multiple of 16 for Wan)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed; in a batch the base seed: item i gets seed + i unless its row gives one")
     p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="model dtype (default: bfloat16 on cuda, float32 on cpu; honoured on every device, the tiny "
                         "model included)")
-    p.add_argument("--out", default=None, help="output mp4 path (default: outputs/<method>_seed<seed>.mp4)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file (and its sidecar)")
+    p.add_argument("--out", default=None,
+                   help="one video: output mp4 path (default: outputs/<method>_seed<seed>.mp4); a batch: output "
+                        "folder (default: outputs/<method>-batch)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file (and its sidecar); a batch: render every item again")
+    p.add_argument("--cp", default=None, metavar="ulysses:N|ring:N",
+                   help="diffusers' context parallelism over N processes of torchrun / accelerate launch (ulysses: "
+                        "heads split, any method; ring: K/V shards rotate, radial and freeswim): one video on N "
+                        "processes, rank 0 writes it; a batch on a multiple of N, items sharded across groups of N "
+                        "consecutive ranks, each group's first rank writes its items")
+    _add_batch_options(p)
     p.set_defaults(func=run)
 
 
+def _add_batch_options(p: argparse.ArgumentParser) -> None:
+    """The options of batches (prompt files, comparison, resume) and of large models (offload, tiling, LoRA)."""
+    from vidattn.validation import OFFLOAD_MODES
+
+    batch = p.add_argument_group("batch (--out is then a folder)")
+    batch.add_argument("--prompts", default=None, metavar="FILE",
+                       help="prompt file: .txt (one prompt a line; '#' comments and blank lines skipped), .jsonl or "
+                            ".csv (rows with 'prompt' and optional negative_prompt, seed, num_frames, height, width, "
+                            "id)")
+    batch.add_argument("--num-videos-per-prompt", type=int, default=1,
+                       help="videos per prompt, seeds counted on per video (a batch when > 1)")
+    batch.add_argument("--compare", default=None, choices=("dense",),
+                       help="also render each item with dense attention from the same seed; report speedup, PSNR "
+                            "and SSIM")
+    batch.add_argument("--resume", action="store_true",
+                       help="keep items whose video and sidecar are complete, render the rest")
+    large = p.add_argument_group("large models")
+    large.add_argument("--offload", default=None, choices=OFFLOAD_MODES,
+                       help="CUDA only: keep weights on the CPU, moving whole components (model) or submodules "
+                            "(sequential, leanest) to the GPU as needed")
+    large.add_argument("--vae-tiling", action="store_true", help="decode the video in tiles (less memory)")
+    large.add_argument("--lora", default=None, metavar="PATH",
+                       help="LoRA adapter saved with the pipeline's save_lora_weights (a folder or its .safetensors "
+                            "file), loaded with load_lora_weights")
+    large.add_argument("--lora-scale", type=float, default=None, help="strength of the --lora adapter (default 1.0)")
+
+
 COMMAND = "generate"
+DEFAULT_PROMPT = "a red fox running through fresh snow, cinematic"
 # generate's options for processor knobs (the freeswim ones are checked by _freeswim_options)
 KNOB_OPTIONS = {"dense_steps": "--dense-steps", "dense_layers": "--dense-layers",
                 "dense_last_steps": "--dense-last-steps", "decay": "--decay", "drop_rate": "--drop-rate",
@@ -110,10 +153,25 @@ def _freeswim_options(args: argparse.Namespace, cell: int, default_base: tuple[i
     return call, knobs
 
 
-def _check(args: argparse.Namespace) -> dict:
-    """Every check of the command line, before any model is loaded; returns what the run needs."""
+def _processor_factory(args: argparse.Namespace, freeswim_knobs: dict):
+    """``make(method)``: a fresh processor of ``--method`` with its knobs (``make("dense")``: the dense one)."""
+    from vidattn.methods import make_processor
+
+    def make(which: str = "method"):
+        if which == "dense":
+            return make_processor("dense")
+        return make_processor(args.method, args.preset, **freeswim_knobs, dense_steps=args.dense_steps,
+                              dense_layers=args.dense_layers, dense_last_steps=args.dense_last_steps,
+                              decay=args.decay, block_size=args.block_size, backend=args.backend,
+                              drop_rate=args.drop_rate, top_p=args.top_p, first_frame=args.first_frame,
+                              gapr=args.gapr)
+    return make
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """The checks of single values: method, knobs, preset, numbers, seed, offload, LoRA."""
     from vidattn import validation as v
-    from vidattn.methods import METHODS, make_processor
+    from vidattn.methods import METHODS
 
     v.check_choice("--method", args.method, METHODS)
     if args.method != "freeswim":
@@ -128,15 +186,31 @@ def _check(args: argparse.Namespace) -> dict:
                                ("--fps", args.fps, 1), ("--block-size", args.block_size, 1),
                                ("--frames", args.frames, 1), ("--height", args.height, 1),
                                ("--width", args.width, 1), ("--base-height", args.base_height, 1),
-                               ("--base-width", args.base_width, 1), ("--cache-steps", args.cache_steps, 1)):
+                               ("--base-width", args.base_width, 1), ("--cache-steps", args.cache_steps, 1),
+                               ("--num-videos-per-prompt", args.num_videos_per_prompt, 1)):
         v.check_number(option, value, minimum=low, integer=True)
     v.check_seed("--seed", args.seed)
     v.check_number("--guidance", args.guidance, minimum=0)
+    v.check_number("--lora-scale", args.lora_scale)
+    if args.lora_scale is not None and args.lora is None:
+        raise v.UsageError("--lora-scale", "needs --lora PATH")
+    if args.lora is not None:
+        v.check_lora(args.lora)
+
+
+def _check(args: argparse.Namespace, batch: bool = False) -> dict:
+    """Every check of the command line, before any model is loaded; returns what the run needs (``out``: the
+    checked mp4 of one video; a batch checks its folder itself)."""
+    from vidattn import validation as v
+    from vidattn.methods import METHODS
+
+    _check_options(args)
     device = v.check_device(args.device)
     dtype = v.check_dtype(args.dtype, device)
     v.check_backend(args.backend, device)
+    v.check_offload(args.offload, device)
 
-    freeswim, freeswim_knobs, pipeline_cls, cell = None, {}, None, None
+    freeswim, freeswim_knobs, cell = None, {}, None
     spec = v.check_model(args.model)
     if args.method == "freeswim":
         from vidattn.pipelines.generate import freeswim_pipeline_class
@@ -169,13 +243,9 @@ def _check(args: argparse.Namespace) -> dict:
         if refine_steps < 1:
             raise v.UsageError("--strength", f"{freeswim['strength']} of {settings['steps']} steps runs no refinement "
                                              "step; raise --strength or --steps")
-
+    make = _processor_factory(args, freeswim_knobs)
     try:
-        processor = make_processor(args.method, args.preset, **freeswim_knobs, dense_steps=args.dense_steps,
-                                   dense_layers=args.dense_layers, dense_last_steps=args.dense_last_steps,
-                                   decay=args.decay, block_size=args.block_size, backend=args.backend,
-                                   drop_rate=args.drop_rate, top_p=args.top_p, first_frame=args.first_frame,
-                                   gapr=args.gapr)
+        processor = make("method")
     except (ValueError, TypeError) as err:
         raise v.knob_error(err) from None
     warnings = []
@@ -185,29 +255,51 @@ def _check(args: argparse.Namespace) -> dict:
             where += f" (--preset {args.preset})"
         steps = refine_steps if refine_steps is not None else settings["steps"]
         warnings = v.dense_warnings(processor.knobs(), steps, spec.num_layers, where)
+    checked = dict(spec=spec, device=device, dtype=dtype, processor=processor, make=make, freeswim=freeswim,
+                   given=given, settings=settings, factors=factors, warnings=warnings)
+    if not batch:
+        out_name = args.out if args.out is not None else _default_out(args.method, args.seed)
+        checked["out"] = v.check_output_file(out_name, "--out", suffix=".mp4", overwrite=args.overwrite,
+                                             companions=(".json",))
+    return checked
 
-    out_name = args.out if args.out is not None else _default_out(args.method, args.seed)
-    out = v.check_output_file(out_name, "--out", suffix=".mp4", overwrite=args.overwrite, companions=(".json",))
-    return dict(spec=spec, device=device, dtype=dtype, processor=processor, freeswim=freeswim, given=given,
-                settings=settings, warnings=warnings, out=out)
+
+def _request(args: argparse.Namespace, checked: dict, given: dict, prompt: str):
+    from vidattn.pipelines.generate import GenerationRequest
+
+    return GenerationRequest(prompt=prompt, negative_prompt=args.negative_prompt, model=args.model,
+                             frames=given["frames"], height=given["height"], width=given["width"],
+                             steps=given["steps"], guidance=given["guidance"], seed=args.seed, fps=args.fps,
+                             device=checked["device"], dtype=checked["dtype"], lora=args.lora,
+                             lora_scale=1.0 if args.lora_scale is None else args.lora_scale, offload=args.offload,
+                             vae_tiling=args.vae_tiling)
 
 
 def run(args: argparse.Namespace) -> int:
     from vidattn.validation import UsageError, report, warn
 
+    from .generate_batch import is_batch, run_batch
+
     try:
+        if is_batch(args):
+            return run_batch(args)
         checked = _check(args)
+        if args.cp is not None:
+            from .generate_cp import check_cp
+
+            check_cp(args, checked)
     except UsageError as err:
         return report(COMMAND, err)
-    from vidattn.pipelines.generate import GenerationRequest, OutputWriteError, generate_video
+    if args.cp is not None:
+        from .generate_cp import main_cp
 
-    given, out = checked["given"], checked["out"]
+        return main_cp(args, checked, args.prompt[0] if args.prompt else DEFAULT_PROMPT)
+    from vidattn.pipelines.generate import OutputWriteError, generate_video
+
+    out = checked["out"]
     for message in checked["warnings"]:
         warn(COMMAND, message)
-    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model,
-                                frames=given["frames"], height=given["height"], width=given["width"],
-                                steps=given["steps"], guidance=given["guidance"], seed=args.seed, fps=args.fps,
-                                device=checked["device"], dtype=checked["dtype"])
+    request = _request(args, checked, checked["given"], args.prompt[0] if args.prompt else DEFAULT_PROMPT)
     ok = False
     try:
         result = generate_video(request, checked["processor"], out.path, overwrite=args.overwrite,
@@ -223,6 +315,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if not ok:
             out.discard()
+    _print_result(args, result)
+    return 0
+
+
+def _print_result(args: argparse.Namespace, result: dict) -> None:
     stats = result["attention"]
     density = stats.get("computed_fraction")
     timings = result["timings"]
@@ -236,4 +333,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"time      {timings['generate_s']:.2f} s generate, {attention}")
     print(f"attention {args.method}: {stats['sparse_calls']} sparse / {stats['dense_calls']} dense calls, "
           f"density {'n/a' if density is None else f'{density:.3f}'} of dense computed")
-    return 0

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..layout import TokenLayout
+from ..parallel import joint_ring_dense, ring_needs_gather
 from ..token_order import SplitPoints
 
 __all__ = ["ModelAdapter"]
@@ -67,6 +68,12 @@ class ModelAdapter:
         return module.get_processor() if hasattr(module, "get_processor") else module.processor
 
     def set_processor(self, module: nn.Module, processor: Any) -> None:
+        """Install ``processor`` on ``module``; under diffusers' context parallelism (``enable_parallelism`` gave the
+        module's processor a ``_parallel_config``) the new processor takes that config over, so vidattn can be
+        applied (or removed) before or after parallelism is enabled."""
+        config = getattr(self.get_processor(module), "_parallel_config", None)
+        if config is not None and hasattr(processor, "_parallel_config") and processor._parallel_config is None:
+            processor._parallel_config = config
         if hasattr(module, "set_processor"):
             module.set_processor(processor)
         else:
@@ -97,8 +104,16 @@ class ModelAdapter:
     @staticmethod
     def dispatcher_dense(processor, attention_mask: Optional[torch.Tensor]):
         """The stock dense op: diffusers' ``dispatch_attention_fn`` with the processor's backend and CP config
-        (``scale``: a method's own softmax scale; ``None`` is the stock ``D**-0.5``)."""
+        (``scale``: a method's own softmax scale; ``None`` is the stock ``D**-0.5``). Under ring attention with a
+        backend that returns no log-sum-exp (``native``) the keys are gathered instead (``ring_needs_gather``)."""
         from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        if ring_needs_gather(processor._parallel_config, processor._attention_backend):
+            def gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         scale: Optional[float] = None) -> torch.Tensor:
+                return joint_ring_dense(q, k, v, attention_mask, processor._parallel_config,
+                                        processor._attention_backend, scale)
+            return gathered
 
         def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
             if scale is None:  # the stock call, argument for argument

@@ -7,6 +7,13 @@ reaches it (``set_attn_processor(p)``), the call takes the stock ``AttnProcessor
 Token order: joint sequence ``[video | text]``, text **last**. The model's bool key mask ``(B, 1, 1, N)`` keeps
 the video and a per-sample prefix of the text; it becomes ``TextSegment(L, "last", valid=...)``, i.e. per-sample
 key lengths, which mask exactly the keys the stock mask drops. RoPE is applied to the video part only.
+
+Context parallelism: diffusers 0.42 gives ``HunyuanVideoTransformer3DModel`` no ``_cp_plan``; :meth:`cp_plan` is
+vidattn's (see its docstring and ``vidattn.parallel``). Under it each attention call sees this rank's
+``[video chunk | text chunk]``: the layout is checked against the global lengths (local x N), the model's key mask
+(built for the whole sequence) is cut to the rank's chunks, and dense calls under ring gather every rank's keys
+and mask (``vidattn.parallel.joint_ring_dense``). Only vidattn's processors know this; the stock processor is not
+meant to run under this plan.
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import torch
 from torch import nn
 
 from ..layout import TextSegment, TokenLayout
+from ..parallel import cp_degree, joint_ring_dense, joint_shard_mask
 from ..token_order import SplitPoints
 from .base import ModelAdapter
 from .rope import banded_rope_layout
@@ -53,6 +61,25 @@ class HunyuanVideoAdapter(ModelAdapter):
     pipeline_class = "HunyuanVideoPipeline"
     transformer_classes = ("HunyuanVideoTransformer3DModel",)
     attention_classes = ("Attention",)
+
+    def cp_plan(self, transformer: Optional[nn.Module] = None) -> dict:
+        """vidattn's context-parallel plan for ``HunyuanVideoTransformer3DModel`` (passed to diffusers'
+        ``enable_parallelism(cp_plan=...)``). As diffusers' plans for joint-attention models (Flux, QwenImage):
+        the rotary tables (``rope``'s outputs) and both streams at the first dual-stream block are cut into N equal
+        chunks, so each rank holds ``[video chunk | text chunk]`` (the text length must divide by N), and
+        ``proj_out``'s output is gathered. The token refiner, the timestep and the key mask (built from the whole
+        sequence before the split) stay whole. ValueError for I2V ``token_replace`` models (their blocks slice
+        the first frame by raster position)."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        if transformer is not None and not self.supports_token_order(transformer):
+            raise ValueError("HunyuanVideo I2V (image_condition_type='token_replace') cannot run under context "
+                             "parallelism: its blocks slice the first frame's tokens by raster position")
+        rope = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)
+        stream = ContextParallelInput(split_dim=1, expected_dims=3, split_output=False)
+        return {"rope": {0: rope, 1: rope},
+                "transformer_blocks.0": {"hidden_states": stream, "encoder_hidden_states": stream},
+                "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
 
     def matches_module(self, module: nn.Module) -> bool:
         """Legacy ``Attention`` modules, except CogVideoX's (whose q/k norm is a LayerNorm)."""
@@ -93,6 +120,21 @@ class HunyuanVideoAdapter(ModelAdapter):
         valid = tuple(int(v) for v in mask.sum(1).tolist())
         return replace(video, text=TextSegment(length, "last", None if all(v == length for v in valid) else valid))
 
+    def _dense(self, processor, attention_mask: Optional[torch.Tensor], video_len: int, text_len: int):
+        """The stock dense op; under context parallelism with this rank's part of the key mask, and under ring
+        over every rank's keys (:func:`vidattn.parallel.joint_ring_dense`)."""
+        config = processor._parallel_config
+        cfg = getattr(config, "context_parallel_config", None)
+        if cfg is None:
+            return self.dispatcher_dense(processor, attention_mask)
+        mask = joint_shard_mask(attention_mask, config, video_len, text_len)
+        if cfg.ring_degree == 1:
+            return self.dispatcher_dense(processor, mask)
+
+        def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+            return joint_ring_dense(q, k, v, mask, config, processor._attention_backend, scale)
+        return dense
+
     def process(self, processor, attn: nn.Module, hidden_states: torch.Tensor,
                 encoder_hidden_states: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor],
                 rotary_emb: Any) -> Any:
@@ -127,12 +169,14 @@ class HunyuanVideoAdapter(ModelAdapter):
             key = torch.cat([key, enc_key], dim=1)
             value = torch.cat([value, enc_value], dim=1)
 
-        dense = self.dispatcher_dense(processor, attention_mask)
+        shards = cp_degree(processor._parallel_config)  # 1, or N: this rank holds [video chunk | text chunk]
+        dense = self._dense(processor, attention_mask, video_len, text_len)
 
         layout = self.context_layout(processor)
-        if layout is not None and (layout.video_tokens, layout.text_tokens) != (video_len, text_len):
+        if layout is not None and (layout.video_tokens, layout.text_tokens) != (video_len * shards,
+                                                                                text_len * shards):
             layout = None  # e.g. image tokens joined to the text: read the grid back instead
-        if layout is None and processor.uses_pattern:
+        if layout is None and processor.uses_pattern and shards == 1:  # (a local shard's rope is no global grid)
             usable, valid = _valid_text(attention_mask, query.shape[0], video_len, text_len)
             video = processor.cached_rope_layout(rotary_emb, video_len, banded_rope_layout) if usable else None
             if video is not None:

@@ -28,6 +28,7 @@ from ..context import StepContext
 from ..kernels import BACKENDS, BlockPattern, sparse_attention
 from ..kernels.cpu_ext import ensure_built
 from ..layout import TOKEN_ORDERS, TokenLayout
+from ..parallel import context_parallel_attention, cp_degree
 from ..plan import AttentionPlan, execute_plan
 from ..token_order import is_token_order, sequence_permutation
 
@@ -299,6 +300,12 @@ class SparseAttentionProcessor:
     def step_reason(self, ctx: StepContext) -> Optional[str]:
         """Why the step in ``ctx`` runs dense under this processor's knobs (``None``: sparse); host-side, once per
         transformer call (:meth:`prepare`)."""
+        if ctx.training:  # per-sample timesteps, no denoising step: only dense_layers applies
+            if self.dense_steps or self.dense_last_steps:
+                self.log_once("training-steps", "vidattn: dense_steps/dense_last_steps count denoising steps; a "
+                              "training call has per-sample timesteps and no step, so they are ignored there "
+                              "(dense_layers still applies)", logging.WARNING)
+            return None
         if ctx.step < 0:
             if self.dense_steps or self.dense_last_steps:
                 self.log_once("no-step", "vidattn: dense_steps/dense_last_steps need the denoising step; this "
@@ -323,17 +330,15 @@ class SparseAttentionProcessor:
         Statistics and CPU timings are recorded in eager mode; inside a compiled graph the call only computes.
         """
         reason = self.dense_reason(layout)
-        if reason is None and layout.seq_len != q.shape[1]:
+        shards = cp_degree(self._parallel_config)  # under context parallelism q, k, v are one of `shards` shards
+        if reason is None and layout.seq_len != q.shape[1] * shards:
             reason = "sequence length does not match the token layout"
             self.log_once(f"len-{layout}-{q.shape[1]}", f"vidattn: layout {layout} has {layout.seq_len} tokens but "
-                          f"attention got {q.shape[1]}; running dense.", logging.WARNING)
-        if reason is None and self._parallel_config is not None:
-            raise NotImplementedError("vidattn sparse attention does not support diffusers context parallelism yet; "
-                                      "disable it (or use dense_layers/dense_steps to keep those layers dense)")
+                          f"attention got {q.shape[1]} x {shards} shard(s); running dense.", logging.WARNING)
         if torch.compiler.is_compiling():
             if reason is not None:
                 return self._dense(dense_fn, q, k, v)
-            if (self.static_pattern and self.token_order == layout.order
+            if (self.static_pattern and self.token_order == layout.order and shards == 1
                     and type(self).plan is SparseAttentionProcessor.plan):
                 return sparse_attention(q, k, v, self._pattern_for(layout, q, k), layout="bshd", backend=self.backend)
             return self._attend_planned(q, k, v, layout, dense_fn)[0]
@@ -356,9 +361,17 @@ class SparseAttentionProcessor:
     @torch.compiler.disable
     def _attend_planned(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
                         dense_fn=None) -> tuple[torch.Tensor, AttentionPlan]:
-        """Plan and execute one sparse call; when the layout is not in the method's token order, q, k, v are put in
-        it here and the output back (eager: plans of dynamic methods are Python objects built per call). A dense
-        plan runs ``dense_fn`` with the plan's scale."""
+        """One sparse call: on this process (:meth:`_attend_local`), or on local shards under diffusers' context
+        parallelism (``_parallel_config``: :func:`vidattn.parallel.context_parallel_attention`)."""
+        if self._parallel_config is not None:
+            return context_parallel_attention(self, q, k, v, layout, dense_fn)
+        return self._attend_local(q, k, v, layout, dense_fn)
+
+    def _attend_local(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+                      dense_fn=None) -> tuple[torch.Tensor, AttentionPlan]:
+        """Plan and execute one sparse call on the whole sequence; when the layout is not in the method's token
+        order, q, k, v are put in it here and the output back (eager: plans of dynamic methods are Python objects
+        built per call). A dense plan runs ``dense_fn`` with the plan's scale."""
         order = None
         if layout.order != self.token_order:
             order = self._sequence_order(layout, q.device)
