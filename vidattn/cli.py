@@ -7,7 +7,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ("generate", "bench", "mask", "presets")
+COMMANDS = ("generate", "bench", "mask", "presets", "train-lora", "demo")  # module: the name with "_" for "-"
 
 # Packages whose versions ``--version`` prints after vidattn's, one line each.
 VERSION_PACKAGES = ("torch", "diffusers", "triton")
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "or 'NAME not installed'), one per line, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"vidattn.commands.{name}").register(sub)
+        importlib.import_module(f"vidattn.commands.{name.replace('-', '_')}").register(sub)
     return parser
 
 
