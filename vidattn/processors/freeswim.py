@@ -27,11 +27,12 @@ from .base import SparseAttentionProcessor
 __all__ = ["FREESWIM_PRESETS", "FreeSwimCrossProcessor", "FreeSwimProcessor", "FreeSwimState", "freeswim_scale"]
 
 # Base grids in latent cells (16 px on Wan) and FreeSwim's scale; generation settings of the upstream script.
+# 8x16 spatial tiles: measured faster than raster order for the window at 1080p and 4K (docs/benchmarks.md).
 FREESWIM_PRESETS: dict[str, dict[str, Any]] = {
-    "wan-1.3b": dict(base_rows=30, base_cols=52, scale_ratio=2.0,
+    "wan-1.3b": dict(base_rows=30, base_cols=52, scale_ratio=2.0, tiles=(8, 16),
                      generation=dict(height=1088, width=1920, num_frames=81, num_inference_steps=50,
                                      guidance_scale=5.0)),
-    "wan-14b": dict(base_rows=45, base_cols=80, scale_ratio=2.0,
+    "wan-14b": dict(base_rows=45, base_cols=80, scale_ratio=2.0, tiles=(8, 16),
                     generation=dict(height=1440, width=2560, num_frames=81, num_inference_steps=50,
                                     guidance_scale=5.0)),
 }
