@@ -223,7 +223,10 @@ def _add_comparison(job: BatchJob, sidecar: dict, paths: ItemPaths, dense: Any) 
         "dense_generate_s": dense_s, "speedup": round(dense_s / sparse_s, 4) if sparse_s > 0 else None,
         "psnr_db": _finite(psnr(ours, ref)), "ssim": _video_ssim(ours, ref),
         "identical": bool((ours == ref).all()),
-        "dense_attention": dense.stats}
+        "dense_attention": dense.stats,
+        # FreeSwim's reference is the paper's direct baseline: one dense generation straight at the target size
+        "reference": "direct dense generation at the target size" if job.freeswim is not None
+        else "the same pipeline with dense attention"}
     sidecar["timings"]["compare_s"] = round(dense.generate_s, 3)
     sidecar["timings"]["metrics_s"] = round(time.perf_counter() - t1, 3)
 

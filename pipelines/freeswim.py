@@ -136,6 +136,12 @@ class FreeSwimRefineMixin:
         return state["latents"]
 
 
+def direct_call(pipe: Any) -> Any:
+    """The call of ``pipe``'s stock pipeline (past the FreeSwim refinement): one generation straight at the requested
+    size, the paper's *direct* high-resolution baseline; ``pipe`` itself when it is not a FreeSwim pipeline."""
+    return super(FreeSwimRefineMixin, pipe).__call__ if isinstance(pipe, FreeSwimRefineMixin) else pipe
+
+
 class FreeSwimPipeline(FreeSwimRefineMixin, WanPipeline):
     """Wan 2.1 T2V with FreeSwim's high-resolution refinement; loads with ``from_pretrained`` like ``WanPipeline``.
 

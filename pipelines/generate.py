@@ -349,10 +349,12 @@ def render(loaded: LoadedPipeline, request: GenerationRequest, processor: Sparse
         if freeswim is not None:  # the pipeline installs the processor for its refinement stage itself
             result = pipe(**call, processor=processor, **freeswim)
             settings["freeswim"] = dict(freeswim)
-        else:
+        else:  # on a FreeSwim pipeline: direct generation at the requested size (the dense reference)
+            from .freeswim import direct_call
+
             vidattn.apply(pipe, processor)
             try:
-                result = pipe(**call)
+                result = direct_call(pipe)(**call)
             finally:
                 vidattn.remove(pipe)
     generate_s = time.perf_counter() - t1

@@ -215,3 +215,22 @@ def test_bad_batch_input_is_one_line_before_any_load(tmp_path, capsys, monkeypat
             (argv, err)
         assert fragment in err and "Traceback" not in err, (argv, err)
         assert _files(tmp_path) == before and not (tmp_path / "outputs").exists(), (argv, "files were written")
+
+
+def test_freeswim_compares_against_direct_dense_generation(tmp_path, capsys):
+    """FreeSwim's reference is the direct baseline: the stock pipeline straight at the target size with dense
+    attention, from the same seed; the dense video is the single-video dense generation at that size."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n")
+    out, size = tmp_path / "fs", ["--height", "64", "--width", "64"]
+    fs = ["--method", "freeswim", "--base-height", "32", "--base-width", "32", "--strength", "1"]
+    assert main(["generate", *FAST, *size, *fs, "--prompts", str(prompts), "--out", str(out), "--compare",
+                 "dense"]) == 0
+    meta = json.loads((out / "00000-a-red-fox.json").read_text())
+    assert meta["compare"]["reference"] == "direct dense generation at the target size"
+    assert meta["compare"]["dense_attention"]["sparse_calls"] == 0 and meta["attention"]["sparse_calls"] > 0
+    dense = read_video(out / "dense" / "00000-a-red-fox.mp4")
+    assert dense.shape[1:3] == (64, 64) and read_video(out / "00000-a-red-fox.mp4").shape == dense.shape
+    single = tmp_path / "direct.mp4"
+    assert main(["generate", *FAST, *size, "--method", "dense", "--prompt", "a red fox", "--out", str(single)]) == 0
+    assert np.array_equal(read_video(single), dense)

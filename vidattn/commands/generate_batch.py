@@ -32,9 +32,6 @@ def _check_combination(args: argparse.Namespace) -> str:
         raise UsageError("--resume", "keeps finished items and --overwrite renders them again; pass one of them")
     if args.compare and args.method == "dense":
         raise UsageError("--compare", "--method dense is the reference itself; choose a sparse --method")
-    if args.compare and args.method == "freeswim":
-        raise UsageError("--compare", "dense is not compared with --method freeswim (it renders at two sizes); "
-                                      "choose radial, rectified or full")
     out = args.out if args.out is not None else f"outputs/{args.method}-batch"
     if Path(str(out)).suffix.lower() == ".mp4":
         raise UsageError("--out", f"a batch writes a folder (one mp4 and sidecar per item), got {out}; give a folder "
