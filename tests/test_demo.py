@@ -164,6 +164,18 @@ def test_compare_full_against_dense(pipelines, tmp_path):
     assert result.difference.ndim == 3 and result.frame == 8
 
 
+def test_freeswim_refines_at_the_target_size(pipelines, tmp_path):
+    """FreeSwim in the demo: base generation at the tiny model's base size, refinement at twice that with the window
+    (its own pipeline class, loaded once next to the stock one), the window's mask drawn for the chosen layer."""
+    checked = check_request(Request("a fox", method="freeswim", height=128, width=128,
+                                    knobs={"block_size": 16, "base_rows": 2, "base_cols": 2}))
+    assert checked.pipeline_cls is not None and checked.freeswim["base_height"] < 128
+    out = generate(checked, pipelines, tmp_path)
+    assert out.frames.shape == (17, 128, 128, 3)
+    assert out.summary["sparse_calls"] > 0 and out.summary["computed_fraction"] < 1
+    assert out.mask is not None and "layer 0" in out.mask_note
+
+
 # ---------------------------------------------------------------------------------------------------- command
 def test_demo_command_help_and_checks(capsys):
     from vidattn.cli import main
