@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .pattern import BlockPattern
 
@@ -54,6 +55,7 @@ class _RectAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         from .cpu_ext import cpu_extension
 

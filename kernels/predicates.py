@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["ALWAYS", "PermutedPredicate", "TemporalWindowPredicate", "WindowPredicate", "window_starts",
-           "window_tables"]
+__all__ = ["ALWAYS", "PermutedPredicate", "ShiftedPredicate", "TemporalWindowPredicate", "WindowPredicate",
+           "window_starts", "window_tables"]
 
 #: Key time coordinate of a token that every query keeps (text), in :func:`window_tables`.
 ALWAYS = -(2 ** 31)
@@ -201,16 +201,38 @@ class PermutedPredicate:
         return self.base(self.perm[q_idx.clamp(0, last)], self.perm[kv_idx.clamp(0, last)])
 
 
+@dataclass(frozen=True, eq=False)
+class ShiftedPredicate:
+    """``base`` read at global positions: a shard's local ``(q, kv)`` is ``(q + q_offset, kv + kv_offset)`` (the
+    (query shard, key shard) pairs of ring attention, ``vidattn.parallel``)."""
+
+    base: Any
+    q_offset: int
+    kv_offset: int
+
+    def to(self, device: torch.device | str) -> "ShiftedPredicate":
+        base = self.base.to(device) if hasattr(self.base, "to") else self.base
+        return self if base is self.base else ShiftedPredicate(base, self.q_offset, self.kv_offset)
+
+    def __call__(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return self.base(q_idx + self.q_offset, kv_idx + self.kv_offset)
+
+
 def window_tables(predicate: Any, q_len: int, kv_len: int) -> "tuple[torch.Tensor, torch.Tensor] | None":
     """The window predicate as per-token tables, or None for a predicate that is not a window.
 
     ``q_bounds`` int32 ``(q_len, 6)``: ``t0, t1, y0, y1, x0, x1`` of each query's window (a text query: bounds that
     hold every coordinate); ``k_coords`` int32 ``(kv_len, 3)``: ``t, y, x`` of each key (a text key: ``t = ALWAYS``).
     The pair ``(q, k)`` is kept iff ``k_coords[k, 0] == ALWAYS`` or every coordinate lies in its half-open bounds —
-    exactly ``predicate(q, k)`` for :class:`WindowPredicate`, :class:`TemporalWindowPredicate` and a
-    :class:`PermutedPredicate` over either (the tables are read through ``perm``). The CPU extension builds partial
+    exactly ``predicate(q, k)`` for :class:`WindowPredicate`, :class:`TemporalWindowPredicate`, a
+    :class:`PermutedPredicate` over either (the tables are read through ``perm``) and a :class:`ShiftedPredicate`
+    over any of these (the rows of its offsets). The CPU extension builds partial
     blocks' masks from them.
     """
+    if isinstance(predicate, ShiftedPredicate):  # a shard of a window: the global tables, sliced
+        found = window_tables(predicate.base, q_len + predicate.q_offset, kv_len + predicate.kv_offset)
+        return None if found is None else (found[0][predicate.q_offset:].contiguous(),
+                                           found[1][predicate.kv_offset:].contiguous())
     perm = None
     if isinstance(predicate, PermutedPredicate):
         perm, predicate = predicate.perm.cpu(), predicate.base

@@ -20,8 +20,8 @@ autograd flows through SDPA.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Optional
+import threading
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -207,15 +207,34 @@ def _runs_forward(q, k, v, pattern: BlockPattern, scale: float, return_lse: bool
     return out, lse_all
 
 
-@contextmanager
-def _one_thread_per_call() -> Iterator[None]:
-    """Intra-op threads set to 1 while our own workers split the calls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+class _OneThread:
+    """Intra-op threads set to 1 while our own workers split the calls (``with _one_thread_per_call():``).
+    Re-entrant and safe across Python threads: only the outermost entry saves and restores the count."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = 1
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+            self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                torch.set_num_threads(self._saved)
+
+
+_ONE_THREAD = _OneThread()
+
+
+def _one_thread_per_call() -> _OneThread:
+    return _ONE_THREAD
 
 
 Call = tuple[slice, slice, int, int, int, int, bool]  # (batch, heads, q0, q1, k0, k1, partial)

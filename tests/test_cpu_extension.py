@@ -355,3 +355,25 @@ def test_build_is_not_counted_as_attention_time(monkeypatch):
     assert proc.stats.sparse_calls == 1
     assert proc.stats.sparse_seconds < 0.3
     assert cpu_ext._STATE["seconds"] >= 0.6 and "no compiler" in cpu_ext.extension_error()
+
+
+def test_one_thread_per_call_is_reentrant_and_thread_safe():
+    """Nested and concurrent entries (two threads training at once) leave the intra-op thread count as it was."""
+    import threading
+
+    before = torch.get_num_threads()
+    gate = threading.Barrier(2)
+
+    def enter_twice() -> None:
+        with torch_backend._one_thread_per_call():
+            gate.wait()
+            with torch_backend._one_thread_per_call():
+                assert torch.get_num_threads() == 1
+            gate.wait()
+
+    workers = [threading.Thread(target=enter_twice) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert torch.get_num_threads() == before

@@ -133,3 +133,25 @@ def test_rows_without_a_key_in_a_windowed_call_are_not_merged():
     torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, torch.tensor([[0, 1]]), call, 1.0, 1, q_bounds, k_coords)
     assert torch.equal(acc[0, 0, :4], v[0, 0, :4]) and torch.isfinite(lse[0, 0, :4]).all()
     assert torch.equal(acc[0, 0, 4:], torch.zeros(12, 8)) and torch.isinf(lse[0, 0, 4:]).all()
+
+
+@pytest.mark.parametrize("q_shard, kv_shard", [(0, 1), (1, 0), (1, 1)])
+def test_ring_shards_of_a_window_stay_in_the_extension(q_shard, kv_shard):
+    """A (query shard, key shard) pair of ring attention reads the window at global positions (ShiftedPredicate):
+    its tables are the global ones' rows, so its partial blocks still run as windowed calls, exactly."""
+    from vidattn.parallel import shard_pattern
+
+    layout = TokenLayout(2, 8, 16, text=TextSegment(32, "last"), order="tiles2x4")  # 144 tokens per shard
+    pattern = window_pattern(layout, base_rows=4, base_cols=6, block_size=16)
+    shard = shard_pattern(pattern, q_shard, kv_shard, layout.seq_len // 2)
+    assert shard is not None and shard.predicate is not None
+    tables = window_tables(shard.predicate, shard.q_len, shard.kv_len)
+    q_idx, kv_idx = torch.arange(shard.q_len)[:, None], torch.arange(shard.kv_len)[None, :]
+    assert torch.equal(tables_mask(*tables), shard.predicate(q_idx, kv_idx))
+    program = torch_backend._ext_program(shard, 1, 2)
+    assert not program.masked and int(program.calls[:, 8].sum()) > 0
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g) for n in (shard.q_len, shard.kv_len, shard.kv_len))
+    with torch.inference_mode():
+        out = sparse_attention(q, k, v, shard, backend="torch")
+    assert (out - reference_attention(q, k, v, shard)[0]).abs().max().item() <= 1e-5

@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .kernels import BlockPattern, sparse_attention
+from .kernels.predicates import ShiftedPredicate
 from .layout import TokenLayout
 from .plan import AttentionPlan
 
@@ -209,22 +210,6 @@ class _SequenceCheck:
 
 
 # ------------------------------------------------------------------------------------------------ ring math
-@dataclasses.dataclass(frozen=True, eq=False)
-class ShiftedPredicate:
-    """``base`` read at global positions: a shard pair's local ``(q, kv)`` is ``(q + q_offset, kv + kv_offset)``."""
-
-    base: Any
-    q_offset: int
-    kv_offset: int
-
-    def to(self, device: torch.device | str) -> "ShiftedPredicate":
-        base = self.base.to(device) if hasattr(self.base, "to") else self.base
-        return self if base is self.base else ShiftedPredicate(base, self.q_offset, self.kv_offset)
-
-    def __call__(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return self.base(q_idx + self.q_offset, kv_idx + self.kv_offset)
-
-
 def _check_whole_blocks(pattern: BlockPattern, shard_len: int) -> None:
     bad = next((b for b in (pattern.block_q, pattern.block_kv) if shard_len % b), None)
     if bad is not None:

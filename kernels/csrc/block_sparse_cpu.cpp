@@ -252,8 +252,9 @@ void runs_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 // The backward of the same program (``vidattn.kernels.cpu_autograd``): each call's fused flash backward fed the
 // global output ``out`` and log-sum-exp ``lse`` rows (+inf where a row attends to nothing) gives exactly that
-// rectangle's terms of dQ, dK, dV, added into fp32 (B, H, S, D) accumulators. Rectangles of different tasks share
-// keys, so each worker adds into its own buffers (worker 0 into dq, dk, dv), summed into them at the end.
+// rectangle's terms of dQ, dK, dV, added into fp32 (B, H, S, D) accumulators. A task owns its query rows (as in the
+// forward), so every worker adds into dq itself; rectangles of different tasks share keys, so each worker adds its
+// dK, dV terms into its own buffers (worker 0 into dk, dv), summed into them at the end.
 void runs_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, at::Tensor dq, at::Tensor dk, at::Tensor dv,
                    const at::Tensor& tasks, const at::Tensor& calls, double scale, int64_t num_workers,
@@ -269,9 +270,9 @@ void runs_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
   check_f32(op, "dv", dv, v.sizes());
   const Program p = load_program(op, q, k, tasks, calls, q_bounds, k_coords);
   const int64_t workers = std::min<int64_t>(std::max<int64_t>(num_workers, 1), std::max<int64_t>(p.num_tasks, 1));
-  std::vector<std::array<at::Tensor, 3>> grads(workers);
-  grads[0] = {dq, dk, dv};
-  for (int64_t w = 1; w < workers; ++w) grads[w] = {at::zeros_like(dq), at::zeros_like(dk), at::zeros_like(dv)};
+  std::vector<std::array<at::Tensor, 2>> grads(workers);
+  grads[0] = {dk, dv};
+  for (int64_t w = 1; w < workers; ++w) grads[w] = {at::zeros_like(dk), at::zeros_like(dv)};
   run_tasks(p.num_tasks, workers, [&](int64_t w, int64_t t) {
     std::vector<char> row_ok;
     auto& g = grads[w];
@@ -281,15 +282,14 @@ void runs_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
       auto res = at::_scaled_dot_product_flash_attention_for_cpu_backward(
           rows_of(grad_out, r, Q0, Q1), rows_of(q, r, Q0, Q1), rows_of(k, r, K0, K1), rows_of(v, r, K0, K1),
           rows_of(out, r, Q0, Q1), rows_of(lse, r, Q0, Q1), 0.0, false, mask, scale);
-      rows_of(g[0], r, Q0, Q1).add_(std::get<0>(res));
-      rows_of(g[1], r, K0, K1).add_(std::get<1>(res));
-      rows_of(g[2], r, K0, K1).add_(std::get<2>(res));
+      rows_of(dq, r, Q0, Q1).add_(std::get<0>(res));
+      rows_of(g[0], r, K0, K1).add_(std::get<1>(res));
+      rows_of(g[1], r, K0, K1).add_(std::get<2>(res));
     }
   });
   for (int64_t w = 1; w < workers; ++w) {
-    dq.add_(grads[w][0]);
-    dk.add_(grads[w][1]);
-    dv.add_(grads[w][2]);
+    dk.add_(grads[w][0]);
+    dv.add_(grads[w][1]);
   }
 }
 
