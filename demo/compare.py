@@ -34,7 +34,9 @@ def compare(checked: Checked, pipelines: Pipelines, out_dir: Path, progress: Opt
     from vidattn.pictures import difference_figure, render
 
     request = checked.request
-    dense_checked = check_request(replace(request, method="dense", preset=None, knobs={}))
+    # on FreeSwim's own pipeline (one model loaded, not two): its direct baseline, dense at the target size
+    dense_checked = replace(check_request(replace(request, method="dense", preset=None, knobs={})),
+                            pipeline_cls=checked.pipeline_cls)
     dense = generate(dense_checked, pipelines, out_dir, progress, label="dense")
     method = generate(checked, pipelines, out_dir, progress, label=request.method)
     frame = len(dense.frames) // 2

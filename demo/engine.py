@@ -125,8 +125,9 @@ def check_request(request: Request) -> Checked:
 
 
 class Pipelines:
-    """One loaded pipeline per (model, pipeline class), reused across requests; ``lock(key)`` serialises the
-    generations that use one pipeline (the Gradio queue also runs one at a time per device)."""
+    """The loaded pipeline of the last (model, pipeline class), reused across requests (loading another drops it);
+    ``lock(key)`` serialises the generations that use one pipeline (the Gradio queue also runs one at a time per
+    device)."""
 
     def __init__(self, device: str, dtype: torch.dtype) -> None:
         self.device, self.dtype = device, dtype
@@ -146,12 +147,23 @@ class Pipelines:
         key = (model, getattr(pipeline_cls, "__name__", None))
         with self.lock(("load",) + key):
             if key not in self._pipes:
+                self._evict_others(key)
                 try:
                     self._pipes[key] = load_pipeline(model, self.device, self.dtype, pipeline_cls)
                 except (OSError, ValueError) as err:
                     raise DemoError(f"Model: cannot load {model!r} ({user_message(err)})") from None
                 self.loads += 1
             return self._pipes[key]
+
+
+    def _evict_others(self, key: tuple) -> None:
+        """One model in memory per device: the others are dropped (after any generation using them) before a new
+        one loads, so that trying several models in the form does not pile up copies on the GPU."""
+        for other in [k for k in self._pipes if k != key]:
+            with self.lock(other):
+                del self._pipes[other]
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _call(pipe: Any, checked: Checked, progress: Progress, label: str) -> np.ndarray:
@@ -168,8 +180,10 @@ def _call(pipe: Any, checked: Checked, progress: Progress, label: str) -> np.nda
         progress(step + 1, s["steps"], f"{label}: denoising step {step + 1}/{s['steps']}")
         return kwargs
 
+    from vidattn.pipelines.freeswim import direct_call
+
     progress(0, s["steps"], f"{label}: denoising step 0/{s['steps']}")
-    return pipe(**call, callback_on_step_end=step_end).frames[0]
+    return direct_call(pipe)(**call, callback_on_step_end=step_end).frames[0]
 
 
 def _mask_picture(recorder: LayerRecorder, checked: Checked) -> tuple[Optional[np.ndarray], str]:

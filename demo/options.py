@@ -44,9 +44,16 @@ def launch(args: argparse.Namespace, block: bool = True) -> Any:
     device = _check(args)
     from .app import build_app
 
+    from vidattn.validation import UsageError
+
     blocks = build_app(device=device, dtype=args.dtype, model=args.model)
-    blocks.launch(server_name=args.server_name, server_port=args.server_port, share=args.share,
-                  prevent_thread_lock=not block, ssr_mode=False)
+    try:
+        blocks.launch(server_name=args.server_name, server_port=args.server_port, share=args.share,
+                      prevent_thread_lock=not block, ssr_mode=False)
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        option = "--server-port" if args.server_port is not None else "--server-name"
+        raise UsageError(option, f"cannot serve on {args.server_name or '127.0.0.1'}:{args.server_port or 7860} "
+                                 f"({' '.join(str(err).split())}); choose a free port or a local address") from None
     return blocks
 
 

@@ -174,6 +174,13 @@ def test_freeswim_refines_at_the_target_size(pipelines, tmp_path):
     assert out.frames.shape == (17, 128, 128, 3)
     assert out.summary["sparse_calls"] > 0 and out.summary["computed_fraction"] < 1
     assert out.mask is not None and "layer 0" in out.mask_note
+    from vidattn.demo.compare import compare
+
+    loads = pipelines.loads
+    result = compare(checked, pipelines, tmp_path)  # dense side: FreeSwim's direct baseline on the same pipeline
+    assert pipelines.loads == loads and result.dense.frames.shape == (17, 128, 128, 3)
+    assert list(pipelines._pipes) == [("tiny", "FreeSwimPipeline")]  # the stock pipeline was dropped, not kept
+    assert result.dense.summary["sparse_calls"] == 0 and 0 < result.ssim < 1
 
 
 # ---------------------------------------------------------------------------------------------------- command
@@ -189,6 +196,20 @@ def test_demo_command_help_and_checks(capsys):
     assert "argument --server-port" in capsys.readouterr().err
     assert main(["demo", "--model", "tinny"]) == 2
     assert "argument --model" in capsys.readouterr().err
+
+
+def test_a_taken_port_is_a_one_line_error(capsys):
+    import socket
+
+    from vidattn.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["demo", "--server-port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "--server-port" in err and str(port) in err and "Traceback" not in err
 
 
 def test_demo_command_passes_its_flags_to_gradio(monkeypatch):
