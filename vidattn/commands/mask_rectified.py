@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     """A :class:`~vidattn.validation.UsageError` raised here is printed as one line by ``vidattn.cli.main``."""
     from .. import validation as v
     from ..processors.rectified import RectifiedProcessor
-    from .mask import check_picture, save_picture
+    from .mask import check_picture
 
     try:
         proc = RectifiedProcessor(drop_rate=args.drop_rate, top_p=args.top_p, block_size=args.block_size)
@@ -72,6 +72,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         vidattn.remove(model)
     layout, stats = proc.recorded_selection
+    _report(args, layout, stats)
+    if target is not None:
+        _picture(args, target, layout, stats)
+    return 0
+
+
+def _report(args: argparse.Namespace, layout: Any, stats: Any) -> None:
+    """The grid and, per head, the critical share, the mean R and the GAPR-trusted share."""
     print(f"model       tiny {args.model}, latent grid {layout.frames} x {layout.height} x {layout.width} "
           f"({layout.order} order), text {layout.text_tokens}")
     print(f"blocks      {stats.critical.shape[-2]} video query blocks x {stats.critical.shape[-1]} key blocks "
@@ -82,14 +90,16 @@ def run(args: argparse.Namespace) -> int:
         if stats.gapr_ok is not None:
             line += f", GAPR-trusted {stats.gapr_ok[0, h].float().mean():.3f}"
         print(line)
-    if target is not None:
-        from ..pictures import format_knobs, selection_figure
 
-        knobs = format_knobs(dict(drop_rate=args.drop_rate, top_p=args.top_p, block_size=args.block_size))
-        crit = stats.critical[0, args.head].float().mean()
-        title = (f"Rectified SpaAttn, tiny {args.model}, first sparse layer, head {args.head}: critical blocks "
-                 f"{crit:.3f}\n{knobs}")
-        figure = selection_figure(layout, stats, args.head, args.block_size, title)
-        h, w = save_picture(target, figure, args.overwrite)
-        print(f"picture     {args.png} ({w} x {h} px)")
-    return 0
+
+def _picture(args: argparse.Namespace, target: Any, layout: Any, stats: Any) -> None:
+    """Draw the chosen head's selection to the checked ``--png`` target."""
+    from ..pictures import format_knobs, selection_figure
+    from .mask import save_picture
+
+    knobs = format_knobs(dict(drop_rate=args.drop_rate, top_p=args.top_p, block_size=args.block_size))
+    crit = stats.critical[0, args.head].float().mean()
+    title = (f"Rectified SpaAttn, tiny {args.model}, first sparse layer, head {args.head}: critical blocks "
+             f"{crit:.3f}\n{knobs}")
+    h, w = save_picture(target, selection_figure(layout, stats, args.head, args.block_size, title), args.overwrite)
+    print(f"picture     {args.png} ({w} x {h} px)")

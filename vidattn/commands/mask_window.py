@@ -38,14 +38,36 @@ def register(methods: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """A :class:`~vidattn.validation.UsageError` raised here is printed as one line by ``vidattn.cli.main``."""
-    import time
-    from dataclasses import replace
+    from .. import validation as v
+    from .mask import check_picture
 
+    layout, knobs, tiles = _checked(args)
+    target = check_picture(args.png, args.overwrite)
+    try:
+        raster = _build(layout, "raster", args.block_size, knobs)
+        tiled = _build(layout, f"tiles{tiles[0]}x{tiles[1]}", args.block_size, knobs) if tiles else None
+    except ValueError as err:
+        if target is not None:
+            target.discard()
+        raise v.knob_error(err) from None
+    _print_geometry(args, layout, knobs)
+    nb = raster[0].num_q_blocks
+    for name, (pattern, seconds) in [("raster", raster)] + ([(f"tiles {tiles[0]}x{tiles[1]}", tiled)] if tiled
+                                                               else []):
+        part = 0 if pattern.partial is None else int(pattern.partial.sum())
+        print(f"{name:<16} block density {pattern.density():.4f}; {pattern.indices.shape[-1]} of {nb} x {nb} "
+              f"blocks listed ({part} partial); built in {seconds:.3f} s")
+    if target is not None:
+        _picture(args, target, layout, knobs, tiles, (tiled or raster)[0])
+    return 0
+
+
+def _checked(args: argparse.Namespace) -> tuple[Any, dict, Any]:
+    """The latent layout, the window knobs and the tiles of the command line (UsageError naming the option)."""
     from .. import validation as v
     from ..patterns.radial import MODEL_GEOMETRY, GeometryError
-    from ..patterns.window import window_bounds, window_pattern, window_token_density
     from ..token_order import parse_tiles
-    from .mask import check_picture, geometry_error, save_picture
+    from .mask import geometry_error
 
     geometry = MODEL_GEOMETRY[args.model]
     try:
@@ -56,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (("--base-height", args.base_height), ("--base-width", args.base_width)):
         if value < cell or value % cell:
             raise v.UsageError(name, f"must be a positive multiple of {cell} pixels, got {value} ({args.model})")
-    base_rows, base_cols = args.base_height // cell, args.base_width // cell
     tiles = None
     if args.tiles is not None:
         tiles = parse_tiles(f"tiles{args.tiles}") if args.tiles.isascii() else None
@@ -66,22 +87,29 @@ def run(args: argparse.Namespace) -> int:
         raise v.UsageError("--temporal", f"must be >= 0 latent frames, got {args.temporal}")
     if args.block_size < 1:
         raise v.UsageError("--block-size", f"must be a positive integer, got {args.block_size}")
-    knobs = dict(base_rows=base_rows, base_cols=base_cols, inward=args.inward, temporal=args.temporal)
-    target = check_picture(args.png, args.overwrite)
+    knobs = dict(base_rows=args.base_height // cell, base_cols=args.base_width // cell, inward=args.inward,
+                 temporal=args.temporal)
+    return layout, knobs, tiles
 
-    def build(order: str):
-        began = time.perf_counter()
-        pattern = window_pattern(replace(layout, order=order), block_size=args.block_size, **knobs)
-        return pattern, time.perf_counter() - began
 
-    try:
-        raster, raster_s = build("raster")
-        tiled = build(f"tiles{tiles[0]}x{tiles[1]}") if tiles else None
-    except ValueError as err:
-        if target is not None:
-            target.discard()
-        raise v.knob_error(err) from None
+def _build(layout: Any, order: str, block_size: int, knobs: dict) -> tuple[Any, float]:
+    """The window pattern in ``order`` and its build time in seconds."""
+    import time
+    from dataclasses import replace
+
+    from ..patterns.window import window_pattern
+
+    began = time.perf_counter()
+    pattern = window_pattern(replace(layout, order=order), block_size=block_size, **knobs)
+    return pattern, time.perf_counter() - began
+
+
+def _print_geometry(args: argparse.Namespace, layout: Any, knobs: dict) -> None:
+    """The model, latent grid, window sizes and token density lines."""
+    from ..patterns.window import window_bounds, window_token_density
+
     f, h, w = layout.frames, layout.height, layout.width
+    base_rows, base_cols = knobs["base_rows"], knobs["base_cols"]
     lens = []
     for n, half in ((h, base_rows // 2), (w, base_cols // 2)) + (((f, args.temporal),) if args.temporal is not None
                                                                  else ()):
@@ -96,25 +124,18 @@ def run(args: argparse.Namespace) -> int:
           f"{base_cols // 2}{'' if args.temporal is None else f', {args.temporal} frames'}; "
           f"{'inward' if args.inward else 'truncated'})")
     print(f"token density    {window_token_density(layout, **knobs):.4f} (fraction of video keys per video query)")
-    nb = raster.num_q_blocks
 
-    def describe(name: str, pattern: Any, seconds: float) -> None:
-        part = 0 if pattern.partial is None else int(pattern.partial.sum())
-        print(f"{name:<16} block density {pattern.density():.4f}; {pattern.indices.shape[-1]} of {nb} x {nb} "
-              f"blocks listed ({part} partial); built in {seconds:.3f} s")
 
-    describe("raster", raster, raster_s)
-    if tiled is not None:
-        describe(f"tiles {tiles[0]}x{tiles[1]}", *tiled)
-    if target is not None:
-        from ..pictures import format_knobs, pattern_figure
+def _picture(args: argparse.Namespace, target: Any, layout: Any, knobs: dict, tiles: Any, pattern: Any) -> None:
+    """Draw the pattern shown (tiled order when given) to the checked ``--png`` target."""
+    from dataclasses import replace
 
-        pattern = tiled[0] if tiled is not None else raster
-        order = f"tiles {tiles[0]}x{tiles[1]}" if tiled is not None else "raster"
-        shown_knobs = format_knobs(dict(knobs, block_size=args.block_size))
-        title = (f"FreeSwim window, {args.model} {args.frames} frames x {args.height} x {args.width} px ({order} "
-                 f"order): block density {pattern.density():.4f}\n{shown_knobs}")
-        ordered = replace(layout, order=f"tiles{tiles[0]}x{tiles[1]}") if tiled is not None else layout
-        ph, pw = save_picture(target, pattern_figure(ordered, pattern, title), args.overwrite)
-        print(f"picture          {args.png} ({pw} x {ph} px; white full, grey partial, black skipped)")
-    return 0
+    from ..pictures import format_knobs, pattern_figure
+    from .mask import save_picture
+
+    order = f"tiles {tiles[0]}x{tiles[1]}" if tiles else "raster"
+    title = (f"FreeSwim window, {args.model} {args.frames} frames x {args.height} x {args.width} px ({order} "
+             f"order): block density {pattern.density():.4f}\n{format_knobs(dict(knobs, block_size=args.block_size))}")
+    ordered = replace(layout, order=f"tiles{tiles[0]}x{tiles[1]}") if tiles else layout
+    ph, pw = save_picture(target, pattern_figure(ordered, pattern, title), args.overwrite)
+    print(f"picture          {args.png} ({pw} x {ph} px; white full, grey partial, black skipped)")
