@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -69,8 +69,10 @@ def training_processor(cfg: TrainConfig) -> SparseAttentionProcessor:
                           backend=cfg.backend)
 
 
-def adapter_metadata(cfg: TrainConfig, targets: list[str], processor: SparseAttentionProcessor, extra: dict) -> dict:
-    """What ``lora_config.json`` records next to the weights."""
+def adapter_metadata(cfg: TrainConfig, targets: list[str], processor: SparseAttentionProcessor, extra: dict,
+                     flow_shift: Optional[float] = None) -> dict:
+    """What ``lora_config.json`` records next to the weights (``flow_shift``: the shift trained with, default
+    ``cfg.flow_shift``)."""
     return {"format": "diffusers (save_lora_weights)", "weights": WEIGHTS_NAME, "rank": cfg.rank,
             "alpha": cfg.alpha, "dropout": cfg.lora_dropout, "targets": list(cfg.targets), "target_modules": targets,
             "method": cfg.method, "knobs": processor.knobs(), "frames": cfg.frames, "height": cfg.height,
@@ -79,7 +81,9 @@ def adapter_metadata(cfg: TrainConfig, targets: list[str], processor: SparseAtte
                           cfg.adam_beta2], "weight_decay": cfg.adam_weight_decay, "eps": cfg.adam_epsilon},
             "schedule": {"name": cfg.lr_scheduler, "warmup_steps": cfg.lr_warmup_steps},
             "timesteps": {"weighting_scheme": cfg.weighting_scheme, "logit_mean": cfg.logit_mean,
-                          "logit_std": cfg.logit_std}, **extra}
+                          "logit_std": cfg.logit_std,
+                          "flow_shift": cfg.flow_shift if flow_shift is None else flow_shift},
+            **extra}
 
 
 def save_adapter(pipeline_cls: Any, transformer: nn.Module, folder: Path, metadata: dict) -> Path:

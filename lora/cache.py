@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -20,7 +19,7 @@ import torch
 
 from .data import Clip, ClipError, load_clip
 
-__all__ = ["CacheSettings", "LatentCache", "build_cache", "cache_settings", "valid_cache"]
+__all__ = ["CacheSettings", "LatentCache", "build_cache", "cache_settings", "valid_cache", "foreign_files"]
 
 INDEX = "index.json"
 SHARD_SIZE = 16
@@ -69,6 +68,35 @@ def valid_cache(folder: Path, settings: CacheSettings) -> bool:
     return index is not None and index.get("settings") == json.loads(json.dumps(settings.as_dict()))
 
 
+def _owned(name: str) -> bool:
+    """A file name a cache build writes (the index and its shards)."""
+    return name == INDEX or (name.startswith("shard-") and name.endswith(".safetensors"))
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """Why rebuilding ``folder`` is not safe: the names of what is in it besides a cache's files, when it has no
+    vidattn index (a folder with only shards is an interrupted build). Empty: missing, empty, a vidattn cache, or
+    only cache files; a build then touches nothing else."""
+    if not folder.is_dir():
+        return [folder.name] if folder.exists() else []
+    index = _read_index(folder)
+    if isinstance(index, dict) and isinstance(index.get("settings"), dict) and "version" in index["settings"]:
+        return []
+    return sorted(p.name for p in folder.iterdir() if not (_owned(p.name) and p.is_file()) or p.name == INDEX)
+
+
+def _clear(folder: Path) -> None:
+    """Remove the index (first: a half-cleared cache is never taken as complete), then the shards; nothing else."""
+    foreign = foreign_files(folder)
+    if foreign:  # checked before the run (checks.py); kept here so no caller can delete what is not the cache's
+        raise ValueError(f"{folder} is not a vidattn cache (it holds {', '.join(foreign[:3])}); not clearing it")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / INDEX).unlink(missing_ok=True)
+    for shard in folder.glob("shard-*.safetensors"):
+        if shard.is_file():
+            shard.unlink()
+
+
 def _trim(text: torch.Tensor) -> torch.Tensor:
     """``(L, D)`` without its trailing all-zero rows (at least one row kept)."""
     nonzero = text.abs().sum(-1).nonzero()
@@ -92,15 +120,14 @@ def encode_clip(pipe: Any, video: torch.Tensor, caption: str, max_sequence_lengt
 
 def build_cache(pipe: Any, clips: Sequence[Clip], settings: CacheSettings, folder: Path, device: torch.device,
                 warn: Callable[[str], None] = print, skipped: Sequence = (), progress: bool = True) -> dict:
-    """Encode every usable clip into ``folder`` (emptied first) and write the index; returns the index. Unusable
+    """Encode every usable clip into ``folder`` (its earlier index and shards removed first, nothing else; a
+    folder holding other files without a vidattn index is refused) and write the index; returns the index. Unusable
     clips are skipped with a warning and listed under ``skipped`` after the ``skipped`` given (``[path, why]``
     found earlier)."""
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    _clear(folder)
     samples, skipped, pending = [], [list(s) for s in skipped], {}
 
     def flush() -> None:

@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 from vidattn import validation as v
 
-from .cache import CacheSettings, cache_settings, valid_cache
-from .checkpoint import RESUME_KEYS, latest_checkpoint, read_state
+from .cache import CacheSettings, cache_settings, foreign_files, valid_cache
+from .checkpoint import RESUME_KEYS, latest_checkpoint, read_state, resume_problem
 from .config import TrainConfig, option_of
 from .data import Clip, discover, probe
 
@@ -108,9 +108,12 @@ def _check_resume(cfg: TrainConfig, out: Path) -> Optional[Path]:
         state = read_state(path)
     except ValueError as err:
         raise v.UsageError("--resume", str(err)) from None
+    problem = resume_problem(state, path, int(os.environ.get("WORLD_SIZE", "1")))
+    if problem:
+        raise v.UsageError("--resume", problem)
     saved = state["settings"]
     for key in RESUME_KEYS:
-        if key in saved and saved[key] != getattr(cfg, key):
+        if key in saved and saved[key] != getattr(cfg, key) and not (key == "dtype" and saved[key] is None):
             raise v.UsageError(option_of(key), f"is {getattr(cfg, key)!r} but the checkpoint {v.shown(path)} was "
                                                f"trained with {saved[key]!r}; a resumed run keeps it")
     if state["step"] >= cfg.max_steps:
@@ -149,13 +152,42 @@ def _probe_clips(clips: list[Clip], cfg: TrainConfig, frames: int) -> tuple[list
     return usable, skipped
 
 
+def _overlaps(a: Path, b: Path) -> bool:
+    """``a`` is ``b``, lies inside it or contains it."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def _check_cache_dir(cfg: TrainConfig, out: Path, clips: list[Clip]) -> Path:
+    """The cache folder (default ``<output-dir>/cache``): not the data, a folder around or inside it, the output
+    folder or one around it, nor among the run's own outputs; and no folder of other files (a rebuild clears it)."""
+    cache = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else out / "cache"
+    where, home = cache.resolve(), out.resolve()
+    guarded = {Path(cfg.data).expanduser().resolve(): "--data"}
+    guarded.update({c.path.parent.resolve(): "--data" for c in clips if c.path.parent.resolve() not in guarded})
+    for path, option in [*guarded.items(), (home, "--output-dir")]:
+        if _overlaps(where, path) and not (option == "--output-dir" and home in where.parents):
+            raise v.UsageError("--cache-dir", f"{v.shown(str(cache))} is, contains or lies inside the {option} "
+                                              f"folder {v.shown(str(path))}; the cache needs a folder of its own "
+                                              "(default: <output-dir>/cache)")
+    inner = where.relative_to(home).parts[0] if home in where.parents else ""
+    if inner in OUTPUT_FILES + ("validation",) or inner.startswith("checkpoint-"):
+        raise v.UsageError("--cache-dir", f"{v.shown(str(cache))} lies in the run's own {inner}; use another folder "
+                                          "(default: <output-dir>/cache)")
+    foreign = foreign_files(cache) if int(os.environ.get("RANK", "0")) == 0 else []  # others: rank 0 may be building
+    if foreign:
+        raise v.UsageError("--cache-dir", f"{v.shown(str(cache))} is not a vidattn cache (it holds "
+                                          f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) and would "
+                                          "be cleared to build one; pass a new or empty folder")
+    return cache
+
+
 def check_config(cfg: TrainConfig) -> Checked:
     """All checks, cheapest first; returns what the run needs (UsageError on the first bad value)."""
     from .adapter import training_processor
 
     _check_numbers(cfg)
     spec, device, dtype, (frames, height, width) = _check_model(cfg)
-    cfg = dataclasses.replace(cfg, frames=frames, height=height, width=width)
+    cfg = dataclasses.replace(cfg, frames=frames, height=height, width=width, dtype=dtype)  # resolved, as saved
     try:
         processor = training_processor(cfg)
     except (ValueError, TypeError) as err:
@@ -164,7 +196,7 @@ def check_config(cfg: TrainConfig) -> Checked:
     clips, skipped = _check_data(cfg, frames)
     out = Path(cfg.output_dir).expanduser()
     resume = _check_resume(cfg, out)
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else out / "cache"
+    cache_dir = _check_cache_dir(cfg, out, clips)
     settings = cache_settings(spec.describe(), clips, frames, height, width, cfg.frame_stride,
                               cfg.max_sequence_length)
     valid = valid_cache(cache_dir, settings)

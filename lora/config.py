@@ -83,7 +83,8 @@ class TrainConfig:
     device: Optional[str] = _opt(None, "cpu or cuda (default: cuda if available; accelerate picks the GPU per "
                                        "process)")
     seed: int = _opt(0, "seed of the LoRA init, the data order and every noise / timestep draw", type=int)
-    checkpointing_steps: int = _opt(500, "save a resumable checkpoint-N every N steps (0: never)", type=int)
+    checkpointing_steps: int = _opt(500, "save a resumable checkpoint-N every N steps and at the last "
+                                             "step (0: never)", type=int)
     checkpoints_total_limit: Optional[int] = _opt(None, "keep only the newest N checkpoints", type=int)
     resume: Optional[str] = _opt(None, "'latest' (newest checkpoint-N in --output-dir) or a checkpoint folder")
     validation_prompt: list = _opt([], "prompt rendered into a video every --validation-steps (repeatable)",

@@ -46,8 +46,10 @@ def discover(data: Path) -> Discovery:
         path, caption = row.get("path"), row.get("caption")
         if not isinstance(path, str) or not path.strip():
             found.skipped.append((f"{data.name}:{n}", "no 'path'"))
-        elif not isinstance(caption, str) or not caption.strip():
-            found.skipped.append((path, "empty caption"))
+        elif caption is not None and not isinstance(caption, str):
+            found.skipped.append((path, f"caption must be text, got {type(caption).__name__} {caption!r:.40}"))
+        elif not caption or not caption.strip():
+            found.skipped.append((path, "no caption" if caption is None else "empty caption"))
         else:
             video = (data.parent / path).resolve()
             if video.is_file():

@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -25,6 +26,7 @@ from .config import TrainConfig, add_arguments, config_from_args
 __all__ = ["main", "run_training", "train", "build_parser"]
 
 COMMAND = "train-lora"
+PROCESS_GROUP_TIMEOUT_S = 4 * 3600  # see _accelerator
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -32,7 +34,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 class TrainingRun:
     """What :func:`_setup` builds: the pipeline, the cache, the transformer (``model``: as prepared by accelerate,
     DDP-wrapped with several processes), the LoRA parameters, optimizer, LR schedule, the processor's installation,
-    the objective and the LoRA's target modules."""
+    the objective, the LoRA's target modules and the timestep shift."""
 
     pipe: Any
     cache: Any
@@ -44,6 +46,7 @@ class TrainingRun:
     installation: Any
     objective: Any
     targets: list
+    shift: float
 
 
 def build_parser(prog: str = "python -m vidattn.lora.train") -> argparse.ArgumentParser:
@@ -54,13 +57,16 @@ def build_parser(prog: str = "python -m vidattn.lora.train") -> argparse.Argumen
 def _accelerator(cfg: TrainConfig, device: str) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     # accelerate keeps one state per process; a second run in the same process (tests, notebooks) with another
     # --mixed-precision needs it cleared (the process group, PartialState, stays)
     AcceleratorState._reset_state(reset_partial_state=False)
+    # the other processes wait in wait_for_everyone while the main one renders validation videos or builds the
+    # cache, which can outlast the usual 10-30 min collective timeout on a large model
+    group = InitProcessGroupKwargs(timeout=timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
     return Accelerator(mixed_precision=cfg.mixed_precision, cpu=device == "cpu",
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False), group])
 
 
 def _cache(checked: Any, pipe: Any, accelerator: Any) -> Any:
@@ -120,7 +126,7 @@ def _setup(checked: Any, accelerator: Any) -> TrainingRun:
     objective = Objective(cfg.weighting_scheme, shift, timesteps, cfg.logit_mean, cfg.logit_std, cfg.seed)
     return TrainingRun(pipe=pipe, cache=cache, transformer=transformer, model=model, params=params,
                        optimizer=optimizer, schedule=schedule, installation=installation, objective=objective,
-                       targets=targets)
+                       targets=targets, shift=shift)
 
 
 def _resume(checked: Any, run: TrainingRun, accelerator: Any) -> tuple[int, int]:
@@ -131,7 +137,11 @@ def _resume(checked: Any, run: TrainingRun, accelerator: Any) -> tuple[int, int]
 
     from .checkpoint import load_checkpoint
 
-    state = load_checkpoint(checked.resume, accelerator.process_index, run.optimizer, run.schedule)
+    try:
+        state = load_checkpoint(checked.resume, accelerator.process_index, accelerator.num_processes, run.optimizer,
+                                run.schedule)
+    except ValueError as err:
+        raise UsageError("--resume", str(err)) from None
     device = accelerator.device
     set_peft_model_state_dict(run.transformer, {k: v.to(device) for k, v in state["lora"].items()})
     return int(state["step"]), int(state["position"])
@@ -145,7 +155,8 @@ def _after_step(checked: Any, run: TrainingRun, accelerator: Any, step: int, pos
     from .render import render_validation
 
     cfg, out = checked.cfg, checked.output_dir
-    if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+    # every N steps and at the last one, so a finished run can be continued with a larger --max-steps
+    if cfg.checkpointing_steps and (step % cfg.checkpointing_steps == 0 or step == cfg.max_steps):
         state = get_peft_model_state_dict(run.transformer)
         save_checkpoint(accelerator, out, step, position, state, run.optimizer, run.schedule, cfg.to_dict())
         if accelerator.is_main_process:
@@ -229,7 +240,7 @@ def train(checked: Any, command: Optional[Sequence[str]] = None) -> dict:
                  "global_batch": cfg.train_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps,
                  "attention": run.installation.stats.summary(), "replicas": replicas,
                  "command": shlex.join(command) if command else None}
-        meta = adapter_metadata(cfg, run.targets, checked.processor, extra)
+        meta = adapter_metadata(cfg, run.targets, checked.processor, extra, flow_shift=run.shift)
         summary["adapter"] = str(save_adapter(type(run.pipe), accelerator.unwrap_model(run.model), out, meta))
         summary["loss_plot"] = str(plot_loss(out / "log.jsonl", out / "loss.png", f"LoRA on {cfg.model}, "
                                              f"{cfg.method}, {cfg.frames} frames"))

@@ -225,6 +225,66 @@ def test_lora_user_errors_name_the_option_and_write_nothing(case, dataset, tmp_p
         assert not out.exists()
 
 
+@pytest.mark.parametrize("case", ["data", "foreign", "output"])
+def test_lora_cache_dir_never_clears_other_files(case, dataset, tmp_path, capsys):
+    """The reviewer's repro (--cache-dir naming the data) and a folder of other files are refused before anything
+    is written; the files stay."""
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    (data / "notes.md").write_text("notes")
+    out, cache = tmp_path / "out", {"data": data, "foreign": tmp_path / "mine", "output": tmp_path / "out"}[case]
+    if case == "foreign":
+        cache.mkdir()
+        (cache / "notes.md").write_text("notes")
+    before = sorted((p.name, p.read_bytes()) for p in cache.iterdir()) if cache.exists() else None
+    code = _train(data, out, "--cache-dir", str(cache), "--max-steps", "1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("vidattn train-lora: error: argument --cache-dir:"), err
+    assert (sorted((p.name, p.read_bytes()) for p in cache.iterdir()) if cache.exists() else None) == before
+    assert (data / "notes.md").read_text() == "notes" and not out.exists()
+
+
+@pytest.mark.parametrize("change", ["learning rate", "logit std", "processes", "rng file"])
+def test_lora_resume_refuses_changed_settings(change, trained, dataset, tmp_path, capsys):
+    out = tmp_path / "out"
+    checkpoint = out / "checkpoint-10"
+    shutil.copytree(trained / "checkpoint-10", checkpoint)
+    extra, option = {"learning rate": (["--learning-rate", "1e-3"], "--learning-rate"),
+                     "logit std": (["--logit-std", "2"], "--logit-std")}.get(change, ([], "--resume"))
+    if change == "processes":
+        state = json.loads((checkpoint / "state.json").read_text())
+        (checkpoint / "state.json").write_text(json.dumps({**state, "processes": 2}))
+    elif change == "rng file":
+        (checkpoint / "rng_state_0.pt").unlink()
+    code = _train(dataset, out, "--max-steps", "30", "--resume", "latest", "--cache-dir", str(trained / "cache"),
+                  *extra)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith(f"vidattn train-lora: error: argument {option}:"), err
+    assert {"learning rate": "0.001", "logit std": "2.0", "processes": "2 process",
+            "rng file": "rng_state_0.pt"}[change] in err[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-10"]
+
+
+def test_lora_finished_run_can_be_extended_and_a_stale_cache_is_rebuilt(trained, dataset, tmp_path):
+    """Default --checkpointing-steps (500) still leaves a checkpoint at --max-steps, so --resume latest with a
+    larger --max-steps continues; a stale vidattn cache is rebuilt in place, other files in it kept."""
+    cache = tmp_path / "cache"
+    shutil.copytree(trained / "cache", cache)
+    index = json.loads((cache / "index.json").read_text())
+    index["settings"]["frames"] = 5
+    (cache / "index.json").write_text(json.dumps(index))
+    (cache / "notes.md").write_text("notes")
+    out = tmp_path / "out"
+    assert _train(dataset, out, "--max-steps", "1", "--cache-dir", str(cache)) == 0
+    assert json.loads((cache / "index.json").read_text())["settings"]["frames"] == 9
+    assert (cache / "notes.md").read_text() == "notes"
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert _train(dataset, out, "--max-steps", "2", "--cache-dir", str(cache), "--resume", "latest") == 0
+    assert [r["step"] for r in _log(out)] == [1, 2]
+    meta = json.loads((out / "lora_config.json").read_text())
+    assert meta["timesteps"]["flow_shift"] > 0
+
+
 def test_lora_bench_train_table(tmp_path, capsys):
     table = tmp_path / "bench.md"
     assert cli_main(["bench", "train", "--model", "tiny", "--frame-scales", "1,2", "--steps", "1", "--warmup", "0",

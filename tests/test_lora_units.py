@@ -228,3 +228,50 @@ def test_step_log_keeps_records_up_to_the_resumed_step_and_plots(tmp_path):
             (lambda out: _plot_without_matplotlib([1.0, 0.5, 0.3], out)), "b.png"):
         with Image.open(draw(tmp_path / name)) as image:
             assert image.format == "PNG" and image.size[0] >= 600
+
+
+def test_jsonl_caption_that_is_not_text_is_named_as_such(tmp_path):
+    _clip(tmp_path, "a", 5, caption=None)
+    rows = [{"path": "a.mp4", "caption": 5}, {"path": "a.mp4", "caption": None}, {"path": "a.mp4", "caption": " "}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    found = discover(tmp_path / "m.jsonl")
+    assert not found.clips
+    assert [why for _, why in found.skipped] == ["caption must be text, got int 5", "no caption", "empty caption"]
+
+
+def test_cache_rebuild_clears_only_its_own_files(tmp_path):
+    from vidattn.lora.cache import build_cache, foreign_files
+
+    settings = cache_settings({"name": "tiny"}, [], 5, 16, 16, 1, 16)
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "index.json").write_text(json.dumps({"settings": {"version": 1, "frames": 9}, "samples": []}))
+    (stale / "shard-00000.safetensors").write_bytes(b"old")
+    (stale / "notes.md").write_text("mine")
+    assert foreign_files(stale) == [] and not valid_cache(stale, settings)
+    build_cache(None, [], settings, stale, torch.device("cpu"), progress=False)
+    assert valid_cache(stale, settings)
+    assert sorted(p.name for p in stale.iterdir()) == ["index.json", "notes.md"]
+    assert (stale / "notes.md").read_text() == "mine"
+    interrupted = tmp_path / "interrupted"  # shards but no index yet: a cache build's own leftovers
+    interrupted.mkdir()
+    (interrupted / "shard-00000.safetensors").write_bytes(b"old")
+    assert foreign_files(interrupted) == []
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "index.json").write_text("{}")  # someone else's index
+    (foreign / "clip.mp4").write_bytes(b"x")
+    assert foreign_files(foreign) == ["clip.mp4", "index.json"]
+    with pytest.raises(ValueError, match="not a vidattn cache"):
+        build_cache(None, [], settings, foreign, torch.device("cpu"), progress=False)
+    assert sorted(p.name for p in foreign.iterdir()) == ["clip.mp4", "index.json"]
+
+
+def test_training_process_group_timeout_is_generous():
+    from datetime import timedelta
+
+    from vidattn.lora.config import TrainConfig
+    from vidattn.lora.train import _accelerator
+
+    accelerator = _accelerator(TrainConfig(data="d", output_dir="o"), "cpu")
+    assert accelerator.init_handler.timeout >= timedelta(hours=2)
