@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ from .distributed import ItemShare, ProcessInfo, item_share, process_group, shar
 from .prompts import BatchItem
 
 __all__ = ["BatchJob", "ItemPaths", "MANIFEST", "check_previous", "item_identity", "item_paths", "item_request",
-           "item_state", "run_batch"]
+           "item_state", "run_batch", "temp_files", "weights_digest"]
 
 MANIFEST = "manifest.jsonl"
 DENSE_DIR = "dense"
@@ -47,7 +48,8 @@ class BatchJob:
     knobs, LoRA, dtype, ...), recorded in each sidecar and compared on ``--resume``; ``invalid``: items that cannot
     render (item index -> reason, found before the run); ``make_processor``: a fresh processor for ``"method"`` or
     ``"dense"``; ``cp``: ``"ulysses:N"`` / ``"ring:N"`` to render each item with context parallelism over groups of
-    N processes.
+    N processes; ``created``: the folders this run created for ``out_dir`` (deepest first), removed again when the
+    run stops before writing anything (a LoRA file the pipeline refuses).
     """
 
     items: list[BatchItem]
@@ -63,6 +65,7 @@ class BatchJob:
     model_spec: Any = None
     warnings: Sequence[str] = ()
     cp: Optional[str] = None
+    created: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,20 @@ def _sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_digest(path: str | Path) -> str:
+    """The SHA-256 of a weights file, or for a folder of the names and SHA-256s of the weights files in it (what
+    ``--resume`` compares for ``--lora``: the adapter's content, not its name)."""
+    from vidattn.validation import LORA_SUFFIXES
+
+    path = Path(path).expanduser()
+    if path.is_file():
+        return _sha256(path)
+    digest = hashlib.sha256()
+    for weights in sorted(p for p in path.iterdir() if p.suffix in LORA_SUFFIXES and p.is_file()):
+        digest.update(f"{weights.name}\0{_sha256(weights)}\n".encode())
     return digest.hexdigest()
 
 
@@ -151,15 +168,33 @@ def check_previous(job: BatchJob, resume: bool, overwrite: bool) -> int:
     return complete if resume else 0
 
 
+def temp_files(folder: Path, name: str) -> list[Path]:
+    """The temporary files ``video_io.atomic_write`` leaves for ``<name>.mp4`` / ``<name>.json`` in ``folder``
+    when killed: exactly ``.<name>.<mkstemp's random part>.tmp.<mp4|json>`` (the random part has no dot, so item
+    ``a`` never claims item ``a.b``'s files)."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+\.tmp\.(?:mp4|json)")
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if pattern.fullmatch(p.name)]
+
+
 def _clear(out_dir: Path, name: str) -> None:
     """Remove an item's files (sidecar first) and temporary files a killed run left."""
     paths = item_paths(out_dir, name)
     for path in (paths.sidecar, paths.video, paths.dense):
         path.unlink(missing_ok=True)
     for folder in (out_dir, out_dir / DENSE_DIR):
-        if folder.is_dir():
-            for stale in folder.glob(f".{name}.*.tmp.*"):
-                stale.unlink(missing_ok=True)
+        for stale in temp_files(folder, name):
+            stale.unlink(missing_ok=True)
+
+
+def _discard_created(job: BatchJob) -> None:
+    """Remove the folders this run created for ``job.out_dir`` where nothing was written into them."""
+    for folder in job.created:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 @dataclass
@@ -375,7 +410,11 @@ def run_batch(job: BatchJob, info: ProcessInfo, *, resume: bool = False) -> Opti
         done, todo = _plan_shard(job, shard_items(job.items, share.group, share.groups), resume)
         if dist is not None and job.cp:  # every rank of a group has read the item states before its writer writes
             dist.barrier()
-        outcome = _run_shard(job, done, todo, info, share)
+        try:
+            outcome = _run_shard(job, done, todo, info, share)
+        except BaseException:  # opening the pipeline failed (a LoRA it refuses: UsageError): leave no empty folder
+            _discard_created(job)
+            raise
         if share.writer:
             text = json.dumps(outcome)
             rank_file = job.out_dir / _RANK_FILE.format(rank=info.rank, world=info.world)

@@ -17,7 +17,7 @@ import torch
 
 import vidattn
 from vidattn.processors import SparseAttentionProcessor
-from vidattn.validation import OFFLOAD_MODES
+from vidattn.validation import LORA_SCALE_DEFAULT, OFFLOAD_MODES, UsageError, shown
 
 __all__ = ["GenerationRequest", "LoadedPipeline", "OutputWriteError", "RenderedVideo", "describe_run", "device_name",
            "generate_video", "load_lora", "load_pipeline", "open_pipeline", "peak_memory", "render", "versions"]
@@ -45,7 +45,7 @@ class GenerationRequest:
     device: Optional[str] = None
     dtype: Optional[str] = None
     lora: Optional[str] = None
-    lora_scale: float = 1.0
+    lora_scale: float = LORA_SCALE_DEFAULT
     offload: Optional[str] = None
     vae_tiling: bool = False
 
@@ -99,14 +99,25 @@ def load_pipeline(model: str, device: str, dtype: torch.dtype, pipeline_cls: Any
     return _place(pipe, device, offload), call_defaults(pipe)
 
 
-def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0) -> None:
+def load_lora(pipe, path: str | os.PathLike, scale: float = LORA_SCALE_DEFAULT) -> None:
     """Load a LoRA adapter saved with the pipeline's ``save_lora_weights`` (a folder holding one weights file, or
-    the ``.safetensors`` / ``.bin`` file itself) through ``pipe.load_lora_weights``, active at ``scale``."""
+    the ``.safetensors`` / ``.bin`` file itself) through ``pipe.load_lora_weights``, active at ``scale``.
+    :class:`~vidattn.validation.UsageError` naming ``--lora`` when the file is not a weights file or holds no LoRA
+    weights this pipeline takes."""
     path = Path(path)
-    if path.is_file():
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=LORA_ADAPTER)
-    else:
-        pipe.load_lora_weights(str(path), adapter_name=LORA_ADAPTER)
+    try:
+        if path.is_file():
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=LORA_ADAPTER)
+        else:
+            pipe.load_lora_weights(str(path), adapter_name=LORA_ADAPTER)
+    except UsageError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # junk bytes, another model's keys or shapes
+        if isinstance(err, RuntimeError) and "Error(s) in loading state_dict" not in str(err):
+            raise  # out of memory and the like are no user error
+        why = " ".join(str(err).split())
+        raise UsageError("--lora", f"cannot load {shown(path)} as a LoRA adapter of {type(pipe).__name__} "
+                                   f"({type(err).__name__}: {why[:300]})") from None
     pipe.set_adapters([LORA_ADAPTER], adapter_weights=[scale])
 
 

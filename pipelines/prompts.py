@@ -196,15 +196,36 @@ def rows_from_prompts(prompts: Sequence[str], negative_prompt: str = "") -> list
     return rows
 
 
-def expand_items(rows: Sequence[PromptRow], base_seed: int, per_prompt: int = 1) -> list[BatchItem]:
+def _item_seed(row: PromptRow, index: int, copy: int, base_seed: int, source: Any) -> int:
+    """Item ``index``'s seed (row seed + copy, else ``base_seed + index``), checked: UsageError naming the row's
+    file and line, or ``--seed``, when it leaves the range ``torch.Generator.manual_seed`` takes."""
+    seed = (row.seed + copy) if row.seed is not None else base_seed + index
+    try:
+        return check_seed("seed", seed)
+    except UsageError:
+        pass
+    if row.seed is not None:
+        message = (f"video {copy + 1} of this row gets seed {seed} (row seed + {copy}), above 2**64 - 1; lower "
+                   "the seed or --num-videos-per-prompt")
+        if source is None:
+            raise UsageError(_OPTION, f"line {row.line}, field 'seed': {message}")
+        raise _fail(Path(str(source)), row.line, "seed", message)
+    where = f"line {row.line}" if row.line is not None else f"prompt {index + 1}"
+    raise UsageError("--seed", f"item {index} ({where}) gets seed {seed} (--seed + {index}), outside "
+                               "[-2**63, 2**64 - 1]; lower --seed")
+
+
+def expand_items(rows: Sequence[PromptRow], base_seed: int, per_prompt: int = 1,
+                 source: Any = None) -> list[BatchItem]:
     """``per_prompt`` items per row, numbered in order. Item ``i``'s seed is ``base_seed + i`` unless its row gives
     one (then row seed + copy); its name is ``{i:05d}-{slug}`` or the row's ``id`` (``{id}-{copy}`` when
-    ``per_prompt > 1``)."""
+    ``per_prompt > 1``). A seed out of range raises UsageError naming ``source`` (the prompt file) and the line, or
+    ``--seed``."""
     items = []
     for r, row in enumerate(rows):
         for copy in range(per_prompt):
             index = r * per_prompt + copy
-            seed = (row.seed + copy) if row.seed is not None else base_seed + index
+            seed = _item_seed(row, index, copy, base_seed, source)
             if row.id is not None:
                 name = row.id if per_prompt == 1 else f"{row.id}-{copy}"
             else:

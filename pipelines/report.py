@@ -48,7 +48,8 @@ def _num(value: Optional[float], digits: int = 2, none: str = "–") -> str:
 
 def summary_table(rows: Sequence[dict], compare: Optional[str]) -> str:
     """A Markdown table: per item its status, time and density (and speedup, PSNR, SSIM against dense), then the
-    averages."""
+    means over the items (its speedup is the mean of the items' speedups, not the total time ratio of
+    :func:`summary`'s ``speedup``)."""
     head = ["#", "item", "status", "time s", "density"]
     if compare:
         head += [f"{compare} s", "speedup", "PSNR dB", "SSIM"]
@@ -63,7 +64,8 @@ def summary_table(rows: Sequence[dict], compare: Optional[str]) -> str:
 
     lines += ["| " + " | ".join(cells(r)) + " |" for r in rows]
     s = summary(rows)
-    total = ["", "**average**", f"{s['ok']}/{s['items']} ok", _num(s["mean_generate_s"]), _num(s["mean_density"], 3)]
+    total = ["", "**mean of items**", f"{s['ok']}/{s['items']} ok", _num(s["mean_generate_s"]),
+             _num(s["mean_density"], 3)]
     if compare:
         total += ["", _num(s.get("mean_speedup")), _num(s.get("mean_psnr_db"), none="inf" if s.get("identical")
                                                          else "–"), _num(s.get("mean_ssim"), 4)]
@@ -123,8 +125,9 @@ def write_report(out_dir: Path, rows: Sequence[dict], compare: Optional[str], *,
         parts.append(f"- method: {method.get('method')}" + (f" (preset {method['preset']})" if method.get("preset")
                                                            else ""))
     if compare and s.get("speedup") is not None:
-        parts.append(f"- overall speedup against {compare}: {s['speedup']:.2f}x "
-                     f"({s['dense_generate_s']:.1f} s {compare}, {s['generate_s']:.1f} s sparse)")
+        parts.append(f"- overall speedup against {compare} (total time ratio): {s['speedup']:.2f}x "
+                     f"({s['dense_generate_s']:.1f} s {compare}, {s['generate_s']:.1f} s sparse); the table's last "
+                     "row is the mean of the items' speedups")
     parts += ["", summary_table(rows, compare), ""]
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:

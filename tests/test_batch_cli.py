@@ -77,6 +77,8 @@ def test_batch_compare_report_resume(tmp_path, capsys):
     assert {n: (out / f"{n}.mp4").read_bytes() for n in names} == original
     capsys.readouterr()
     # no silent mixing: an earlier run needs --resume, and other settings are refused
+    assert "total time ratio" in printed and "mean of items" in printed
+    assert "(total time ratio)" in report and "| **mean of items** |" in report
     assert main(argv) == 2 and "--resume" in capsys.readouterr().err
     assert main([*argv, "--decay", "0.5", "--resume"]) == 2
     assert "other settings" in capsys.readouterr().err
@@ -167,12 +169,65 @@ def test_lora_adapter_changes_the_video_and_scale_zero_does_not(tmp_path, capsys
     assert json.loads(outs["plain"].with_suffix(".json").read_text())["request"]["vae_tiling"] is True
 
 
+def test_a_file_that_is_no_adapter_is_a_lora_error(tmp_path, capsys):
+    """Junk bytes (one video) and a safetensors file without LoRA keys (a batch) stop with one line naming --lora,
+    exit 2, and leave no output behind (the batch's folder, created by this run, is removed again)."""
+    pytest.importorskip("peft")
+    from safetensors.torch import save_file
+    import torch
+
+    junk, wrong = tmp_path / "junk.safetensors", tmp_path / "wrong.safetensors"
+    junk.write_text("junk\n")
+    save_file({"foo.weight": torch.zeros(2, 2)}, str(wrong))
+    single = tmp_path / "y.mp4"
+    assert main(["generate", *FAST, "--prompt", "a fox", "--lora", str(junk), "--out", str(single)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("vidattn generate: error: argument --lora: cannot load") and "Traceback" not in err[-1]
+    assert not single.exists() and not single.with_suffix(".json").exists()
+    out = tmp_path / "runs" / "wl"
+    assert main(["generate", *FAST, "--prompt", "a", "--prompt", "b", "--lora", str(wrong), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "argument --lora: cannot load" in err and "LoRA" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_compares_the_adapter_content_and_the_pixel_settings(tmp_path, capsys):
+    """The adapter file rewritten in place, --vae-tiling or another --lora-scale: --resume refuses, naming the
+    setting that changed (as for any other setting); the unchanged run resumes."""
+    pytest.importorskip("peft")
+    from vidattn.pipelines.batch import weights_digest
+
+    lora, out = tmp_path / "adapter", tmp_path / "run"
+    _save_lora(lora)
+    argv = ["generate", *FAST, "--prompt", "a", "--prompt", "b", "--lora", str(lora), "--out", str(out)]
+    assert main(argv) == 0
+    meta = json.loads((out / "00000-a.json").read_text())
+    identity = meta["batch"]["identity"]
+    assert identity["lora_sha256"] == weights_digest(lora) and identity["device_type"] == "cpu"
+    assert identity["vae_tiling"] is False and identity["model_source"].startswith("built-in tiny")
+    assert identity["lora_scale"] == 1.0 and "model_revision" in identity
+    capsys.readouterr()
+    for extra, field in ((["--vae-tiling"], "vae_tiling"), (["--lora-scale", "0.5"], "lora_scale")):
+        assert main([*argv, "--resume", *extra]) == 2
+        assert f"other settings ({field})" in capsys.readouterr().err
+    weights = next(lora.iterdir())
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same name, size and path; other content
+    assert main([*argv, "--resume"]) == 2
+    assert "other settings (lora_sha256)" in capsys.readouterr().err
+    weights.write_bytes(original)  # the same adapter again: resumes without rendering
+    assert main([*argv, "--resume"]) == 0
+    assert {r["rendered"] for r in _manifest(out)[:2]} == {"earlier run"}
+    capsys.readouterr()
+
+
 def _bad_cases(tmp: Path) -> list:
     (tmp / "empty.txt").write_text("# nothing\n")
     (tmp / "bad.jsonl").write_text('{"prompt": "ok"}\n{"prompt": "x", "seed": 1.5}\n')
     (tmp / "binary.txt").write_bytes(b"\xff\xfe\xfa")
     (tmp / "ok.txt").write_text("a fox\n")
     (tmp / "afile").write_text("x")
+    (tmp / "big.jsonl").write_text(f'{{"prompt": "a fox", "seed": {2 ** 64 - 1}}}\n')
     ok = ["--prompts", str(tmp / "ok.txt")]
     return [
         (["--prompts", str(tmp / "none.txt")], "--prompts", "no such file"),
@@ -195,6 +250,11 @@ def _bad_cases(tmp: Path) -> list:
         ([*ok, "--compare", "dense"], "--compare", "sparse"),
         ([*ok, "--prompt", "a cat"], "--prompt", "not both"),
         ([*ok, "--num-videos-per-prompt", "0"], "--num-videos-per-prompt", ">= 1"),
+        # every item's seed is checked up front: a row seed + copy, and --seed + index (the item's seed is named)
+        (["--prompts", str(tmp / "big.jsonl"), "--num-videos-per-prompt", "2"], "--prompts",
+         "big.jsonl line 1, field 'seed': video 2 of this row gets seed 18446744073709551616"),
+        (["--prompt", "a", "--prompt", "b", "--seed", str(2 ** 64 - 1)], "--seed",
+         "item 1 (prompt 2) gets seed 18446744073709551616"),
     ]
 
 
@@ -213,7 +273,7 @@ def test_bad_batch_input_is_one_line_before_any_load(tmp_path, capsys, monkeypat
         lines = err.strip().splitlines()
         assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"vidattn generate: error: argument {option}"), \
             (argv, err)
-        assert fragment in err and "Traceback" not in err, (argv, err)
+        assert fragment in err and "Traceback" not in err and err.count("argument ") == 1, (argv, err)
         assert _files(tmp_path) == before and not (tmp_path / "outputs").exists(), (argv, "files were written")
 
 

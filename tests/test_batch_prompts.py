@@ -84,6 +84,46 @@ def test_items_seeds_and_names():
         rows_from_prompts(["fox", " "])
 
 
+def test_item_seeds_are_checked_when_expanded(tmp_path):
+    """Every expanded seed must fit ``manual_seed``: a row seed + copy names the file, line and field; ``--seed`` +
+    index names the item and its seed, not an altered ``--seed``."""
+    top = 2 ** 64 - 1
+    row = PromptRow("fox", seed=top, line=3)
+    assert [i.seed for i in expand_items([row], 0, source=tmp_path / "p.jsonl")] == [top]
+    with pytest.raises(UsageError) as err:
+        expand_items([row], 0, per_prompt=2, source=tmp_path / "p.jsonl")
+    assert err.value.option == "--prompts" and "p.jsonl line 3, field 'seed'" in err.value.message
+    assert str(top + 1) in err.value.message
+    rows = [PromptRow("a", line=1), PromptRow("b", line=2)]
+    assert expand_items(rows[:1], top)[0].seed == top
+    with pytest.raises(UsageError) as err:
+        expand_items(rows, top)
+    assert err.value.option == "--seed" and err.value.message.startswith(f"item 1 (line 2) gets seed {top + 1}")
+    assert [i.seed for i in expand_items(rows, -2 ** 63)] == [-2 ** 63, -2 ** 63 + 1]
+
+
+def test_clearing_an_item_leaves_a_dotted_neighbours_temp_files(tmp_path):
+    """``_clear("a")`` removes a's files and the temporary files ``atomic_write`` leaves for them, never those of
+    item ``a.b`` (ids may hold dots)."""
+    from vidattn.pipelines.batch import _clear, temp_files
+    from vidattn.pipelines.video_io import atomic_write
+
+    made = {"a": [], "a.b": []}
+    for name in made:
+        for folder, suffix in ((tmp_path, ".mp4"), (tmp_path, ".json"), (tmp_path / "dense", ".mp4")):
+            atomic_write(folder / f"{name}{suffix}", True, lambda tmp, n=name: made[n].append(tmp))
+    for paths in made.values():  # what a killed writer leaves: its temporary files, named as atomic_write names them
+        for path in paths:
+            path.write_bytes(b"partial")
+    assert sorted(temp_files(tmp_path, "a.b")) == sorted(p for p in made["a.b"] if p.parent == tmp_path)
+    _clear(tmp_path, "a")
+    assert not any(p.exists() for p in made["a"]) and not (tmp_path / "a.mp4").exists()
+    assert all(p.exists() for p in made["a.b"]) and (tmp_path / "a.b.mp4").exists()
+    assert (tmp_path / "dense" / "a.b.mp4").exists()
+    _clear(tmp_path, "a.b")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["dense"]
+
+
 @pytest.mark.parametrize("count, world", [(0, 2), (1, 3), (7, 2), (10, 4), (5, 5)])
 def test_shards_cover_every_item_once_and_balance(count, world):
     items = list(range(count))
@@ -120,4 +160,5 @@ def test_summary_averages_and_table():
     assert s["mean_psnr_db"] == pytest.approx(30.0) and s["identical"] == 1
     table = summary_table(rows, "dense").splitlines()
     assert len(table) == 2 + 3 + 1 and "| 1 | b | ok | 3.00 | 0.700 | 3.00 | 1.00 | inf | 1.0000 |" in table
+    assert table[-1].startswith("|  | **mean of items** | 2/3 ok | 2.00 | 0.600 |  | 2.00 |")  # not the 1.50 ratio
     assert json.dumps(s)  # the manifest's summary line is plain JSON

@@ -302,6 +302,7 @@ def check_output_dir(value: Any, option: str = "--out") -> OutputTarget:
 
 
 LORA_SUFFIXES = (".safetensors", ".bin")
+LORA_SCALE_DEFAULT = 1.0  # --lora-scale when not given (GenerationRequest.lora_scale, the help text, the sidecar)
 
 
 def check_lora(value: Any, option: str = "--lora") -> Path:
@@ -315,6 +316,8 @@ def check_lora(value: Any, option: str = "--lora") -> Path:
             raise UsageError(option, f"there is no file or folder {shown(value)}")
         if path.is_dir() and not any(p.suffix in LORA_SUFFIXES for p in path.iterdir()):
             raise UsageError(option, f"the folder {shown(value)} holds no .safetensors or .bin weights")
+    except UsageError:
+        raise
     except (OSError, ValueError) as err:  # unreadable folder, NUL in the name, ...
         raise UsageError(option, f"cannot use {shown(value)} ({getattr(err, 'strerror', None) or err})") from None
     if path.is_file() and path.suffix not in LORA_SUFFIXES:

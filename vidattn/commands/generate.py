@@ -14,6 +14,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "--resume): a folder with one mp4 + sidecar per item, manifest.jsonl, report.md "
                                    "and contact_sheet.png; resumable, and sharded across processes when started by "
                                    "torchrun or accelerate launch.")
+    _add_method_options(p)
+    _add_freeswim_options(p)
+    _add_model_options(p)
+    _add_run_options(p)
+    _add_batch_options(p)
+    p.set_defaults(func=run)
+
+
+def _add_method_options(p: argparse.ArgumentParser) -> None:
+    """The prompt, the attention method, its preset and the knobs of the sparse methods."""
     p.add_argument("--prompt", action="append", default=None,
                    help=f"text prompt; repeat it for a batch (default: {DEFAULT_PROMPT!r})")
     p.add_argument("--negative-prompt", default="", help="negative prompt (used when guidance > 1)")
@@ -34,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="rectified: first-frame rule (default: corner on Wan, off elsewhere)")
     p.add_argument("--no-gapr", dest="gapr", action="store_const", const=False, default=None,
                    help="rectified: compensate every non-critical block (ablation of GAPR)")
+
+
+def _add_freeswim_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``--method freeswim`` (base size, cache mode, strength, tiles)."""
     p.add_argument("--base-height", type=int, default=None,
                    help="freeswim: base (training) height in pixels (default: Wan 480, LTX-Video 512, tiny 64)")
     p.add_argument("--base-width", type=int, default=None,
@@ -45,6 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", type=float, default=None,
                    help="freeswim: share of the refinement schedule run, in (0, 1] (default 0.7)")
     p.add_argument("--tiles", default=None, help="freeswim: spatial-tile token order RxC, e.g. 8x16")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """The kernel backend, the model and the video's geometry, steps, guidance and seed."""
     p.add_argument("--block-size", type=int, default=None, help="sparse block size in tokens")
     p.add_argument("--backend", default=None,
                    help="sparse kernel backend: auto, torch, flex, triton, reference (refused up front when it "
@@ -59,6 +77,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed; in a batch the base seed: item i gets seed + i unless its row gives one")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Frame rate, device, dtype, output, overwrite and context parallelism."""
     p.add_argument("--fps", type=int, default=16, help="frames per second of the mp4")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
@@ -74,13 +96,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "heads split, any method; ring: K/V shards rotate, radial and freeswim): one video on N "
                         "processes, rank 0 writes it; a batch on a multiple of N, items sharded across groups of N "
                         "consecutive ranks, each group's first rank writes its items")
-    _add_batch_options(p)
-    p.set_defaults(func=run)
 
 
 def _add_batch_options(p: argparse.ArgumentParser) -> None:
     """The options of batches (prompt files, comparison, resume) and of large models (offload, tiling, LoRA)."""
-    from vidattn.validation import OFFLOAD_MODES
+    from vidattn.validation import LORA_SCALE_DEFAULT, OFFLOAD_MODES
 
     batch = p.add_argument_group("batch (--out is then a folder)")
     batch.add_argument("--prompts", default=None, metavar="FILE",
@@ -102,7 +122,8 @@ def _add_batch_options(p: argparse.ArgumentParser) -> None:
     large.add_argument("--lora", default=None, metavar="PATH",
                        help="LoRA adapter saved with the pipeline's save_lora_weights (a folder or its .safetensors "
                             "file), loaded with load_lora_weights")
-    large.add_argument("--lora-scale", type=float, default=None, help="strength of the --lora adapter (default 1.0)")
+    large.add_argument("--lora-scale", type=float, default=None,
+                       help=f"strength of the --lora adapter (default {LORA_SCALE_DEFAULT})")
 
 
 COMMAND = "generate"
@@ -264,6 +285,13 @@ def _check(args: argparse.Namespace, batch: bool = False) -> dict:
     return checked
 
 
+def lora_scale(args: argparse.Namespace) -> float:
+    """``--lora-scale``, or :data:`vidattn.validation.LORA_SCALE_DEFAULT` when not given."""
+    from vidattn.validation import LORA_SCALE_DEFAULT
+
+    return LORA_SCALE_DEFAULT if args.lora_scale is None else args.lora_scale
+
+
 def _request(args: argparse.Namespace, checked: dict, given: dict, prompt: str):
     from vidattn.pipelines.generate import GenerationRequest
 
@@ -271,7 +299,7 @@ def _request(args: argparse.Namespace, checked: dict, given: dict, prompt: str):
                              frames=given["frames"], height=given["height"], width=given["width"],
                              steps=given["steps"], guidance=given["guidance"], seed=args.seed, fps=args.fps,
                              device=checked["device"], dtype=checked["dtype"], lora=args.lora,
-                             lora_scale=1.0 if args.lora_scale is None else args.lora_scale, offload=args.offload,
+                             lora_scale=lora_scale(args), offload=args.offload,
                              vae_tiling=args.vae_tiling)
 
 

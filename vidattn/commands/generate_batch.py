@@ -57,14 +57,36 @@ def _invalid_items(items: list, checked: dict) -> dict:
     return bad
 
 
+def _lora_digest(lora: Optional[str]) -> Optional[str]:
+    """:func:`vidattn.pipelines.batch.weights_digest` of ``--lora`` (None without one)."""
+    from vidattn.pipelines.batch import weights_digest
+    from vidattn.validation import UsageError, shown
+
+    if lora is None:
+        return None
+    try:
+        return weights_digest(lora)
+    except OSError as err:
+        raise UsageError("--lora", f"cannot read {shown(lora)} ({err.strerror or err})") from None
+
+
 def _identity(args: argparse.Namespace, checked: dict) -> dict:
-    """The run's settings that define every item's video (JSON-normalised, as the sidecar stores them)."""
-    identity = {"model": args.model, "method": args.method, "preset": args.preset,
+    """The run's settings that define every item's video (JSON-normalised, as the sidecar stores them): besides
+    the options, what changes the pixels behind them (the model's resolved source and revision, the LoRA
+    adapter's content, the device type)."""
+    import torch
+
+    from .generate import lora_scale
+
+    spec = checked["spec"]
+    identity = {"model": args.model, "model_source": spec.source, "model_revision": spec.revision,
+                "method": args.method, "preset": args.preset,
                 "knobs": checked["processor"].knobs(), "freeswim": checked["freeswim"],
                 "steps": checked["settings"]["steps"], "guidance": checked["settings"]["guidance"],
-                "dtype": checked["dtype"], "fps": args.fps,
+                "dtype": checked["dtype"], "device_type": torch.device(checked["device"]).type, "fps": args.fps,
+                "vae_tiling": bool(args.vae_tiling),
                 "lora": str(Path(args.lora).expanduser().resolve()) if args.lora else None,
-                "lora_scale": (1.0 if args.lora_scale is None else args.lora_scale) if args.lora else None}
+                "lora_sha256": _lora_digest(args.lora), "lora_scale": lora_scale(args) if args.lora else None}
     return json.loads(json.dumps(identity, default=str))
 
 
@@ -85,8 +107,7 @@ def _prepare(args: argparse.Namespace):
         from .generate_cp import check_cp
 
         check_cp(args, checked, batch=True)
-    items = expand_items(rows, args.seed, args.num_videos_per_prompt)
-    v.check_seed("--seed", args.seed + len(items) - 1)
+    items = expand_items(rows, args.seed, args.num_videos_per_prompt, source=args.prompts)
     try:
         info = process_info()
     except ValueError as err:
@@ -94,13 +115,14 @@ def _prepare(args: argparse.Namespace):
     device = rank_device(checked["device"], info)
     if device != checked["device"]:
         v.check_device(device)
+    identity = _identity(args, checked)
     target = v.check_output_dir(out_name)
     template = _request(args, {**checked, "device": device}, checked["settings"], prompt="")
     job = BatchJob(items=items, out_dir=target.path, template=template, make_processor=checked["make"],
-                   identity=_identity(args, checked), method={"method": args.method, "preset": args.preset},
+                   identity=identity, method={"method": args.method, "preset": args.preset},
                    freeswim=checked["freeswim"], compare=args.compare, invalid=_invalid_items(items, checked),
                    command=getattr(args, "argv", None), model_spec=checked["spec"], warnings=checked["warnings"],
-                   cp=args.cp)
+                   cp=args.cp, created=list(target.created))
     try:
         done = check_previous(job, args.resume, args.overwrite)
     except v.UsageError:
@@ -118,8 +140,8 @@ def _print_summary(job, rows: list) -> None:
     print(f"manifest  {job.out_dir / MANIFEST}")
     print(f"report    {job.out_dir / REPORT}")
     if s.get("speedup") is not None:
-        print(f"speedup   {s['speedup']:.2f}x over {job.compare} ({s['dense_generate_s']:.1f} s -> "
-              f"{s['generate_s']:.1f} s)")
+        print(f"speedup   {s['speedup']:.2f}x over {job.compare}, total time ratio ({s['dense_generate_s']:.1f} s -> "
+              f"{s['generate_s']:.1f} s); mean of items {s['mean_speedup']:.2f}x")
     print(f"done      {s['ok']} of {s['items']} items")
 
 
