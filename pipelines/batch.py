@@ -208,6 +208,22 @@ class _Rendered:
     started: datetime.datetime
 
 
+def _warm_up(job: BatchJob, loaded: Any, item: BatchItem) -> None:
+    """One untimed single-step render per attention kind before the first timed item, so that one-time costs (the
+    CPU extension's load, Triton's compilation and autotuning) do not bias the first item's speedup; a failure is
+    left for the item itself to report."""
+    import dataclasses
+
+    from . import generate as gen
+
+    request = dataclasses.replace(item_request(job.template, item), steps=1)
+    try:
+        gen.render(loaded, request, job.make_processor("method"), job.freeswim)
+        gen.render(loaded, request, job.make_processor("dense"), None)
+    except Exception:  # noqa: BLE001 - the timed render reports it
+        _free_memory(loaded.device)
+
+
 def _render_item(job: BatchJob, loaded: Any, item: BatchItem) -> _Rendered:
     """Render one item with the method (and dense with ``--compare``); every rank of a CP group runs this."""
     from . import generate as gen
@@ -323,6 +339,8 @@ def _run_shard(job: BatchJob, done: dict, todo: list[BatchItem], info: ProcessIn
     if not todo and not job.cp:
         return done
     loaded = _open(job, info)
+    if job.compare and todo:
+        _warm_up(job, loaded, todo[0])
     bar = tqdm(todo, desc=f"rank {info.rank}" if info.distributed else "videos", unit="video",
                position=share.group if info.distributed else None, disable=not share.writer)
     for item in bar:

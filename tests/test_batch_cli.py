@@ -294,3 +294,20 @@ def test_freeswim_compares_against_direct_dense_generation(tmp_path, capsys):
     single = tmp_path / "direct.mp4"
     assert main(["generate", *FAST, *size, "--method", "dense", "--prompt", "a red fox", "--out", str(single)]) == 0
     assert np.array_equal(read_video(single), dense)
+
+
+def test_compare_warms_up_each_attention_kind_before_the_first_timed_item(tmp_path, capsys, monkeypatch):
+    """One untimed single-step render per kind (method, dense) comes first, so one-time costs do not land in the
+    first item's speedup; the timed renders use the requested steps."""
+    from vidattn.pipelines import generate as gen
+
+    seen, real = [], gen.render
+    monkeypatch.setattr(gen, "render", lambda loaded, request, processor, freeswim=None: seen.append(
+        (request.steps, processor.method)) or real(loaded, request, processor, freeswim))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a fox\na cat\n")
+    argv = ["generate", *FAST[:-4], "--steps", "2", "--guidance", "1", *RADIAL, "--prompts", str(prompts),
+            "--out", str(tmp_path / "run"), "--compare", "dense"]
+    assert main(argv) == 0
+    assert seen[:2] == [(1, "radial"), (1, "dense")]
+    assert seen[2:] == [(2, "radial"), (2, "dense")] * 2
