@@ -5,7 +5,7 @@ torch RNG seeded with ``seed``, so the same seed gives bitwise-identical weights
 """
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import torch
 from diffusers import (
@@ -37,6 +37,8 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from vidattn.modeling import cast_like_pretrained, seeded
+
 __all__ = [
     "FAMILIES",
     "TINY_HUNYUAN_SETTINGS",
@@ -52,8 +54,6 @@ __all__ = [
     "tiny_wan_pipeline",
 ]
 
-T = TypeVar("T")
-M = TypeVar("M", bound=torch.nn.Module)
 
 FAMILIES: tuple[str, ...] = ("wan", "hunyuan", "cogvideox", "ltx", "mochi")
 
@@ -91,28 +91,6 @@ _WORDS = tuple((
     "beautiful realistic cinematic high low quality detailed blurry worst static still overall style "
     ", . ! ?"
 ).split())
-
-
-def _seeded(seed: int, build: Callable[[], T]) -> T:
-    """Run ``build`` under a forked CPU RNG seeded with ``seed``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-def _cast(model: M, dtype: torch.dtype) -> M:
-    """Cast floating parameters/buffers to ``dtype``, keeping the model's ``_keep_in_fp32_modules`` in float32.
-
-    Mirrors what ``from_pretrained(torch_dtype=...)`` does, without ``ModelMixin.to``'s warning.
-    """
-    if dtype == torch.float32:
-        return model
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            if tensor.is_floating_point():
-                tensor.data = tensor.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
-    return model
 
 
 def tiny_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
@@ -180,10 +158,10 @@ def _build_wan(cls: type[WanPipeline], dtype: torch.dtype, presets: tuple[str, .
     names = ("transformer", "transformer_2")[:len(transformers)]
     return cls(
         tokenizer=tiny_tokenizer(),
-        text_encoder=_cast(text_encoder, dtype),
+        text_encoder=cast_like_pretrained(text_encoder, dtype),
         vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        **{name: _cast(transformer, dtype) for name, transformer in zip(names, transformers)},
+        **{name: cast_like_pretrained(transformer, dtype) for name, transformer in zip(names, transformers)},
         **kwargs,
     )
 
@@ -203,7 +181,7 @@ def tiny_wan_pipeline(
     if preset not in _WAN_TRANSFORMERS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(_WAN_TRANSFORMERS)}")
     cls = pipeline_cls or _default_wan_pipeline_cls()
-    return _seeded(seed, lambda: _build_wan(cls, dtype, (preset,)))
+    return seeded(seed, lambda: _build_wan(cls, dtype, (preset,)))
 
 
 def tiny_wan22_pipeline(
@@ -215,7 +193,7 @@ def tiny_wan22_pipeline(
     are 1000 (``transformer``) and ~8.9 (``transformer_2``), so each transformer runs one step (cond + uncond).
     """
     cls = pipeline_cls or _default_wan_pipeline_cls()
-    return _seeded(seed, lambda: _build_wan(cls, dtype, ("toy", "toy"), boundary_ratio=_WAN_BOUNDARY_RATIO))
+    return seeded(seed, lambda: _build_wan(cls, dtype, ("toy", "toy"), boundary_ratio=_WAN_BOUNDARY_RATIO))
 
 
 def _tiny_hunyuan_transformer() -> HunyuanVideoTransformer3DModel:
@@ -257,16 +235,16 @@ def tiny_hunyuan_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> 
         ).eval()
         transformer = _tiny_hunyuan_transformer()
         return HunyuanVideoPipeline(
-            text_encoder=_cast(llama, dtype),
+            text_encoder=cast_like_pretrained(llama, dtype),
             tokenizer=tiny_tokenizer(model_max_length=512),
-            transformer=_cast(transformer, dtype),
+            transformer=cast_like_pretrained(transformer, dtype),
             vae=vae,
             scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-            text_encoder_2=_cast(clip, dtype),
+            text_encoder_2=cast_like_pretrained(clip, dtype),
             tokenizer_2=tiny_tokenizer(model_max_length=77),
         )
 
-    return _seeded(seed, build)
+    return seeded(seed, build)
 
 
 def _build_transformer(family: str) -> torch.nn.Module:
@@ -302,7 +280,7 @@ def tiny_transformer(family: str, seed: int = 0) -> torch.nn.Module:
     Every family uses 2 heads x 16 head dim and the real model's patching. Mochi's ``pos_frequencies`` (zeros at
     init, learned in the real model) are drawn from N(0, 0.1^2) so its RoPE is not the identity.
     """
-    return _seeded(seed, lambda: _build_transformer(family).eval())
+    return seeded(seed, lambda: _build_transformer(family).eval())
 
 
 # Latent (frames, height, width) per family giving 5 x 6 x 8 = 240 video tokens.
@@ -466,9 +444,9 @@ def tiny_ltx_pipeline(
         return cls(
             scheduler=FlowMatchEulerDiscreteScheduler(**_LTX_SCHEDULER),
             vae=vae,
-            text_encoder=_cast(text_encoder, dtype),
+            text_encoder=cast_like_pretrained(text_encoder, dtype),
             tokenizer=tiny_tokenizer(model_max_length=128),
-            transformer=_cast(transformer, dtype),
+            transformer=cast_like_pretrained(transformer, dtype),
         )
 
-    return _seeded(seed, build)
+    return seeded(seed, build)

@@ -33,6 +33,8 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .modeling import cast_like_pretrained, seeded
+
 __all__ = ["GRID_RE", "StepCosts", "WindowRow", "build_wan_transformer", "parse_grid", "step_costs",
            "target_for", "time_steps", "time_window", "window_densities"]
 
@@ -221,16 +223,7 @@ def build_wan_transformer(*, heads: int, head_dim: int, layers: int, ffn_mult: f
             num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
         ).eval()
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build()
-    if dtype != torch.float32:  # as from_pretrained(torch_dtype=...): the model's fp32 modules stay fp32
-        keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-        with torch.no_grad():
-            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-                if tensor.is_floating_point():
-                    tensor.data = tensor.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
-    return model
+    return cast_like_pretrained(seeded(seed, build), dtype)  # as from_pretrained: fp32 modules stay fp32
 
 
 CALL_KINDS = ("direct", "full", "window_replay", "window_own")
