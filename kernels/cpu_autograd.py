@@ -15,8 +15,6 @@ Partial blocks and keys past a sample's length get the same additive masks as in
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -30,15 +28,12 @@ _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 Rect = tuple[slice, slice, int, int, int, int, bool]  # (batch, heads, q0, q1, k0, k1, needs the predicate)
 
 
-def _python_rects(pattern: BlockPattern, b: int, h: int) -> Iterator[Rect]:
+def _python_rects(pattern: BlockPattern, b: int, h: int) -> list[Rect]:
     """Every call of the Python forward path (no extension): one per query chunk and key run."""
-    from .torch_backend import _group_slices, plan_runs
+    from .torch_backend import _query_chunks
 
-    plans = plan_runs(pattern)
-    for g, bs, hs in _group_slices(pattern, b, h):
-        for q0, q1, runs in plans[g]:
-            for k0, k1, part in runs:
-                yield bs, hs, q0, q1, k0, k1, part
+    return [(bs, hs, q0, q1, k0, k1, part) for bs, hs, q0, q1, runs in _query_chunks(pattern, b, h)
+            for k0, k1, part in runs]
 
 
 class _RectAttention(torch.autograd.Function):
@@ -66,7 +61,7 @@ class _RectAttention(torch.autograd.Function):
         if cpu_extension():
             dq, dk, dv = _extension_backward(saved, ctx.pattern, ctx.scale)
         else:
-            dq, dk, dv = _backward_rects(list(_python_rects(ctx.pattern, q.shape[0], q.shape[1])), saved,
+            dq, dk, dv = _backward_rects(_python_rects(ctx.pattern, q.shape[0], q.shape[1]), saved,
                                          ctx.pattern, ctx.scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
@@ -74,24 +69,13 @@ class _RectAttention(torch.autograd.Function):
 def _extension_backward(saved: tuple, pattern: BlockPattern, scale: float) -> list[torch.Tensor]:
     """The forward's program backwards: its rectangles and windowed calls in the extension (``runs_backward``, on
     the intra-op threads), its masked calls here."""
-    from .torch_backend import _ext_program, _one_thread_per_call
+    from .torch_backend import _launch, _threaded_program
 
     grad_out, q, k, v, out, lse = saved
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    b, h = q.shape[:2]
-    threads = torch.get_num_threads()
-    program = _ext_program(pattern, b, h)
-    if threads > 1 and len(program.tasks) < 2 * threads and b * h > 1:  # as the forward: more, smaller tasks
-        program = _ext_program(pattern, b, h, per_head=True)
+    program = _threaded_program(pattern, q.shape[0], q.shape[1])  # the forward's program
     grads = _backward_calls(program.masked, (grad_out, q, k, v, out, lse), pattern, scale)
-    if program.calls.numel():
-        args = (grad_out, q, k, v, out, lse, *grads, program.tasks, program.calls, scale)
-        tables = program.tables if program.tables is not None else (None, None)
-        if len(program.tasks) >= 2 * threads:
-            with _one_thread_per_call():
-                torch.ops.vidattn_cpu.runs_backward(*args, threads, *tables)
-        else:  # one worker, the intra-op threads inside each call
-            torch.ops.vidattn_cpu.runs_backward(*args, 1, *tables)
+    _launch(torch.ops.vidattn_cpu.runs_backward, program, (grad_out, q, k, v, out, lse, *grads), scale)
     return grads
 
 
@@ -119,17 +103,12 @@ def _backward_rects(rects: list[Rect], saved: tuple, pattern: BlockPattern, scal
     (the calls release the GIL; as in the forward, this beats a fork-join inside each of many small calls)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .torch_backend import _one_thread_per_call
+    from .torch_backend import _balanced_bins, _one_thread_per_call
 
     threads = torch.get_num_threads()
     if threads < 2 or len(rects) < 4 * threads:
         return _backward_calls(rects, saved, pattern, scale)
-    bins: list[list[Rect]] = [[] for _ in range(threads)]
-    load = [0] * threads
-    for r in sorted(rects, key=lambda r: -(r[3] - r[2]) * (r[5] - r[4])):
-        i = load.index(min(load))
-        bins[i].append(r)
-        load[i] += (r[3] - r[2]) * (r[5] - r[4])
+    bins = _balanced_bins(rects, threads, lambda r: (r[3] - r[2]) * (r[5] - r[4]))
     with _one_thread_per_call(), ThreadPoolExecutor(threads, thread_name_prefix="vidattn-bwd") as pool:
         parts = list(pool.map(lambda chunk: _backward_calls(chunk, saved, pattern, scale), bins))
     return [sum(p[i] for p in parts) for i in range(3)]

@@ -21,7 +21,7 @@ autograd flows through SDPA.
 from __future__ import annotations
 
 import threading
-from typing import NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -158,9 +158,15 @@ def _query_chunk(q, k, v, out, lse_all, pattern: BlockPattern, scale: float, ite
         lse_all[bs, hs, q0:q1] = lse.float()
 
 
-def _balanced_bins(items: list, workers: int) -> list[list]:
-    """Greedy longest-first assignment of chunks to workers by their work (queries x keys)."""
-    work = [(q1 - q0) * sum(k1 - k0 for k0, k1, _ in runs) for _, _, q0, q1, runs in items]
+def _chunk_work(item: tuple) -> int:
+    """Token pairs of a query chunk ``(batch, heads, q0, q1, runs)``."""
+    _, _, q0, q1, runs = item
+    return (q1 - q0) * sum(k1 - k0 for k0, k1, _ in runs)
+
+
+def _balanced_bins(items: list, workers: int, measure: Callable[[Any], int] = _chunk_work) -> list[list]:
+    """Greedy longest-first assignment of items to workers by their work (``measure``: query chunks by default)."""
+    work = [measure(item) for item in items]
     bins: list[list] = [[] for _ in range(workers)]
     load = [0] * workers
     for i in sorted(range(len(items)), key=work.__getitem__, reverse=True):
@@ -168,6 +174,13 @@ def _balanced_bins(items: list, workers: int) -> list[list]:
         bins[j].append(items[i])
         load[j] += work[i]
     return bins
+
+
+def _query_chunks(pattern: BlockPattern, b: int, h: int) -> list[tuple]:
+    """The Python path's work: ``(batch, heads, q0, q1, runs)`` per group and query chunk with keys."""
+    plans = plan_runs(pattern)
+    return [(bs, hs, q0, q1, runs) for g, bs, hs in _group_slices(pattern, b, h) for q0, q1, runs in plans[g]
+            if runs]
 
 
 _POOL: dict = {}
@@ -180,9 +193,7 @@ def _runs_forward(q, k, v, pattern: BlockPattern, scale: float, return_lse: bool
     b, h, sq, d = q.shape
     out = torch.zeros(b, sq, h, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
     lse_all = torch.full((b, h, sq), float("-inf"), dtype=torch.float32, device=q.device) if return_lse else None
-    plans = plan_runs(pattern)
-    items = [(bs, hs, q0, q1, runs) for g, bs, hs in _group_slices(pattern, b, h) for q0, q1, runs in plans[g]
-             if runs]
+    items = _query_chunks(pattern, b, h)
     threads = torch.get_num_threads()
     if q.device.type != "cpu" or threads < 2 or len(items) < 4 * threads:
         for item in items:
@@ -331,6 +342,31 @@ def _merge_into(acc: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, out_lse
     lse.copy_(m + torch.log(total))
 
 
+def _threaded_program(pattern: BlockPattern, b: int, h: int) -> ExtProgram:
+    """The program for the intra-op threads: per strip, or per (sample, head) and strip when that alone gives each
+    thread at least two tasks."""
+    threads = torch.get_num_threads()
+    program = _ext_program(pattern, b, h)
+    if threads > 1 and len(program.tasks) < 2 * threads and b * h > 1:
+        program = _ext_program(pattern, b, h, per_head=True)
+    return program
+
+
+def _launch(op: Any, program: ExtProgram, leading: tuple, scale: float) -> None:
+    """``op(*leading, tasks, calls, scale, workers, q_bounds, k_coords)`` (``runs_forward`` / ``runs_backward``):
+    with at least two tasks per thread on single-threaded workers, else one worker with the intra-op threads inside
+    each call."""
+    if not program.calls.numel():
+        return
+    threads = torch.get_num_threads()
+    tables = program.tables if program.tables is not None else (None, None)
+    if len(program.tasks) >= 2 * threads:
+        with _one_thread_per_call():
+            op(*leading, program.tasks, program.calls, scale, threads, *tables)
+    else:
+        op(*leading, program.tasks, program.calls, scale, 1, *tables)
+
+
 def _ext_forward(q, k, v, pattern: BlockPattern, scale: float, return_lse: bool):
     """Inference path with the C++ extension: rectangles from ``cpu_plan`` merged in fp32, then the masked calls in
     Python. With at least two tasks per thread the tasks run on single-threaded workers (the fast mode for long
@@ -338,20 +374,11 @@ def _ext_forward(q, k, v, pattern: BlockPattern, scale: float, return_lse: bool)
     intra-op threads inside each call."""
     b, h, sq, _ = q.shape
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    threads = torch.get_num_threads()
-    program = _ext_program(pattern, b, h)
-    if threads > 1 and len(program.tasks) < 2 * threads and b * h > 1:
-        program = _ext_program(pattern, b, h, per_head=True)
-    tasks, calls, masked = program.tasks, program.calls, program.masked
-    q_bounds, k_coords = program.tables if program.tables is not None else (None, None)
+    program = _threaded_program(pattern, b, h)
     acc = torch.zeros(b, sq, h, v.shape[-1], dtype=torch.float32).transpose(1, 2)
     lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float32)
-    if calls.numel() and len(tasks) >= 2 * threads:
-        with _one_thread_per_call():
-            torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, tasks, calls, scale, threads, q_bounds, k_coords)
-    elif calls.numel():
-        torch.ops.vidattn_cpu.runs_forward(q, k, v, acc, lse, tasks, calls, scale, 1, q_bounds, k_coords)
-    for bs, hs, q0, q1, k0, k1, part in masked:
+    _launch(torch.ops.vidattn_cpu.runs_forward, program, (q, k, v, acc, lse), scale)
+    for bs, hs, q0, q1, k0, k1, part in program.masked:
         o, l = _flash(q[bs, hs, q0:q1], k[bs, hs, k0:k1], v[bs, hs, k0:k1],
                       _run_mask(pattern, q0, q1, k0, k1, part, bs), scale)
         _merge_into(acc[bs, hs, q0:q1], lse[bs, hs, q0:q1], o, l)
